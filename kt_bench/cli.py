@@ -1,0 +1,199 @@
+"""The ``kt-bench`` command line: list, run, report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from kt_bench.errors import KtBenchError
+
+LIST_KINDS = ("methods", "models", "datasets", "grids")
+
+
+def _first_line(obj: object) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise KtBenchError(f"{flag} takes integers separated by commas, got '{text}'") from None
+    if not values:
+        raise KtBenchError(f"{flag} needs at least one value")
+    return values
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the registered methods, models, datasets or grids."""
+    from tabulate import tabulate
+
+    from kt_bench.plugins import load_plugins
+
+    load_plugins(args.plugins)
+    if args.kind == "methods":
+        from kt_bench.method import METHODS
+
+        rows = [(n, c.default_weight, ", ".join(c().taps) or "-", _first_line(c))
+                for n, c in METHODS.items()]
+        headers = ["method", "default weight", "taps", "what"]
+    elif args.kind == "models":
+        from kt_bench.models import MODELS, build_model, count_parameters
+
+        rows = [(n, f"{count_parameters(build_model(n, 10)) / 1e6:.3f}M", _first_line(b))
+                for n, b in MODELS.items()]
+        headers = ["model", "params (10 classes)", "what"]
+    elif args.kind == "datasets":
+        from kt_bench.data import DATASETS
+
+        rows = [(n, _first_line(b)) for n, b in DATASETS.items()]
+        headers = ["dataset", "what"]
+    else:
+        from kt_bench.config import builtin_grids, load_grid
+
+        rows = []
+        for name, path in builtin_grids().items():
+            grid = load_grid(str(path))
+            rows.append((name, len(grid.datasets) * len(grid.pairs) * len(grid.methods)
+                         * len(grid.seeds), grid.description))
+        headers = ["grid", "cells", "what"]
+    print(tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True))
+    return 0
+
+
+def _apply_overrides(grid, args: argparse.Namespace):
+    from kt_bench.method import build_method
+
+    if args.methods:
+        grid.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for m in grid.methods:
+            build_method(m, grid.method_options)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise KtBenchError(f"--epochs must be >= 1, got {args.epochs}")
+        grid.recipe = dataclasses.replace(grid.recipe, epochs=args.epochs)
+    if args.seeds:
+        grid.seeds = _int_list(args.seeds, "--seeds")
+    return grid
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run (or with --dry-run, list) the cells of a grid and print the comparison table."""
+    from tabulate import tabulate
+    from tqdm.auto import tqdm
+
+    from kt_bench.cells import expand
+    from kt_bench.config import load_grid
+    from kt_bench.engine import make_accelerator
+    from kt_bench.plugins import load_plugins
+    from kt_bench.report import comparison_table
+    from kt_bench.runner import run_cells
+
+    load_plugins(args.plugins)
+    grid = _apply_overrides(load_grid(args.grid), args)
+    cells = expand(grid, args.precision)
+    out = Path(args.out) if args.out else Path("results") / grid.name
+    if args.dry_run:
+        rows = [(c.cell_id, c.dataset.label, c.teacher.label, c.student.label, c.method, c.seed,
+                 c.recipe.epochs) for c in cells]
+        print(tabulate(rows, headers=["cell", "dataset", "teacher", "student", "method", "seed",
+                                      "epochs"], tablefmt="simple", disable_numparse=True))
+        print(f"{len(cells)} cells; results would go to {out}")
+        return 0
+    accelerator = make_accelerator(args.device, args.precision)
+    teacher_cache = Path(args.teacher_cache) if args.teacher_cache else out / "teachers"
+    main = accelerator.is_main_process
+    if main:
+        print(f"grid '{grid.name}': {len(cells)} cells on {accelerator.device} "
+              f"(precision {args.precision}) -> {out}", flush=True)
+
+    def on_row(i: int, row: dict) -> None:
+        if not main:
+            return
+        if row["status"] == "ok":
+            tqdm.write(f"[{i + 1}/{len(cells)}] {row['method']:<14} seed {row['seed']}: "
+                       f"top1 {row['top1']:.2f}  (teacher {row['teacher_top1']:.2f}, "
+                       f"{row['wall_s']:.1f} s)")
+        else:
+            tqdm.write(f"[{i + 1}/{len(cells)}] {row['method']:<14} seed {row['seed']}: "
+                       f"{row['status']}: {row['error']}")
+
+    rows = run_cells(cells, out, accelerator, teacher_cache, args.data_root, on_row)
+    if not main:
+        return 0
+    df = pd.DataFrame(rows)
+    print()
+    print(comparison_table(df, grid.methods))
+    print(f"\nrows: {out / 'results.csv'}")
+    bad = df[df["status"] != "ok"]
+    if not bad.empty:
+        names = ", ".join(f"{r.method} seed {r.seed} ({r.status})" for r in bad.itertuples())
+        print(f"kt-bench: {len(bad)} cell(s) did not finish ok: {names}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the comparison table of the results in a run folder."""
+    from kt_bench.report import comparison_table
+    from kt_bench.runner import read_rows
+
+    out = Path(args.dir)
+    if not (out / "cells").is_dir():
+        raise KtBenchError(f"{out} holds no results (no cells/ folder); give a run's --out folder")
+    print(comparison_table(read_rows(out)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``kt-bench``."""
+    parser = argparse.ArgumentParser(
+        prog="kt-bench", description="Benchmark knowledge-transfer methods for image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def plugins_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--plugins", action="append", default=[], metavar="DIR",
+                       help="folder of method plugin files (repeatable; also KT_BENCH_PLUGINS)")
+
+    p_list = sub.add_parser("list", help="list methods, models, datasets or grids")
+    p_list.add_argument("kind", choices=LIST_KINDS)
+    plugins_arg(p_list)
+    p_list.set_defaults(func=cmd_list)
+
+    p_run = sub.add_parser("run", help="run a grid of cells and print the comparison table")
+    p_run.add_argument("--grid", required=True, help="a built-in grid name or a .toml file")
+    p_run.add_argument("--out", help="output folder (default: results/<grid>)")
+    p_run.add_argument("--methods", help="comma-separated methods replacing the grid's")
+    p_run.add_argument("--epochs", type=int, help="student epochs replacing the recipe's")
+    p_run.add_argument("--seeds", help="comma-separated seeds replacing the grid's")
+    p_run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p_run.add_argument("--precision", default="no", help="no, bf16 or fp16 (default no)")
+    p_run.add_argument("--teacher-cache", help="teacher cache folder (default: <out>/teachers)")
+    p_run.add_argument("--data-root", help="where datasets are stored or downloaded")
+    p_run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    plugins_arg(p_run)
+    p_run.set_defaults(func=cmd_run)
+
+    p_rep = sub.add_parser("report", help="print the comparison table of a run folder")
+    p_rep.add_argument("dir", help="a run's output folder")
+    p_rep.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kt-bench`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KtBenchError as exc:
+        print(f"kt-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Configuration as dataclasses: the training recipe and the grid, loaded from TOML files.
+
+Every error names the file and the key, and says what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from kt_bench.errors import ConfigError, KtBenchError
+from kt_bench.spec import Spec
+
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one network is trained: SGD with momentum and a per-epoch learning-rate schedule."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    ce_weight: float = 1.0
+    eval_batch_size: int = 512
+
+    def validate(self, where: str) -> Recipe:
+        """Check value ranges; ``where`` prefixes the message (file and table)."""
+        checks = [
+            (self.epochs >= 1, "epochs", "an integer >= 1"),
+            (self.batch_size >= 2, "batch_size", "an integer >= 2"),
+            (self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1"),
+            (self.lr > 0, "lr", "a number > 0"),
+            (0 <= self.momentum < 1, "momentum", "a number in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", "a number >= 0"),
+            (self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}"),
+            (self.ce_weight >= 0, "ce_weight", "a number >= 0"),
+            (all(m >= 1 for m in self.milestones), "milestones", "a list of epochs >= 1"),
+        ]
+        for ok, key, accepted in checks:
+            if not ok:
+                value = getattr(self, key)
+                raise ConfigError(f"{where}.{key} = {value!r} is invalid; accepted: {accepted}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (lists for tuples), stable for hashing."""
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits the type ``hint``; returns (ok, converted value)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, conv = _type_ok(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        (arg, *_rest) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        conv = []
+        for v in value:
+            ok, c = _type_ok(v, arg)
+            if not ok:
+                return False, value
+            conv.append(c)
+        return True, tuple(conv)
+    return True, value
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def dataclass_from_table(cls: type, table: Mapping[str, Any], where: str, base: Any = None):
+    """Build dataclass ``cls`` from a TOML table, on top of ``base`` (an instance) if given.
+
+    Unknown keys and values of the wrong type are one-line ConfigErrors naming ``where.key``.
+    """
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in table.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{key}'; accepted: {', '.join(names)}")
+        ok, conv = _type_ok(value, hints[key])
+        if not ok:
+            word = _TYPE_WORDS.get(hints[key], str(hints[key]).replace("typing.", ""))
+            raise ConfigError(f"{where}.{key} must be {word}, got {value!r}")
+        values[key] = conv
+    start = base if base is not None else cls()
+    return dataclasses.replace(start, **values)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error is one line naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A teacher and the student it teaches."""
+
+    teacher: Spec
+    student: Spec
+
+
+@dataclass
+class Grid:
+    """A sweep: datasets x teacher/student pairs x methods x seeds under one recipe."""
+
+    name: str
+    datasets: list[Spec]
+    pairs: list[Pair]
+    methods: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    recipe: Recipe = field(default_factory=Recipe)
+    teacher_recipe: Recipe = field(default_factory=Recipe)
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    description: str = ""
+    source: str = "<memory>"
+
+    def validate(self) -> Grid:
+        """Check every name against the registries and every option against its builder."""
+        from kt_bench.data import load_dataset  # noqa: F401  (registers datasets)
+        from kt_bench.data.bundle import DATASETS
+        from kt_bench.method import build_method
+        from kt_bench.models import MODELS
+
+        try:
+            for d in self.datasets:
+                DATASETS.get(d.name)
+            for p in self.pairs:
+                MODELS.get(p.teacher.name)
+                MODELS.get(p.student.name)
+            for m in self.methods:
+                build_method(m, self.method_options)
+        except KtBenchError as exc:
+            raise type(exc)(f"{self.source}: {exc}") from None
+        if not self.seeds:
+            raise ConfigError(f"{self.source}: seeds is empty; give at least one seed")
+        return self
+
+
+GRID_KEYS = ("name", "description", "datasets", "pairs", "methods", "seeds", "recipe",
+             "teacher_recipe", "method_options")
+
+
+def _list_of(table: Mapping, key: str, where: str, kind: type) -> list:
+    value = table.get(key)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: key '{key}' must be a non-empty list")
+    for v in value:
+        if kind is int and (not isinstance(v, int) or isinstance(v, bool)):
+            raise ConfigError(f"{where}: key '{key}' must hold integers, got {v!r}")
+        if kind is str and not isinstance(v, str):
+            raise ConfigError(f"{where}: key '{key}' must hold strings, got {v!r}")
+    return value
+
+
+def grid_from_table(table: Mapping[str, Any], source: str) -> Grid:
+    """Build and validate a Grid from a parsed TOML table read from ``source``."""
+    for key in table:
+        if key not in GRID_KEYS:
+            raise ConfigError(f"{source}: unknown key '{key}'; accepted: {', '.join(GRID_KEYS)}")
+    for key in ("name", "datasets", "pairs", "methods"):
+        if key not in table:
+            raise ConfigError(f"{source}: missing key '{key}'")
+    if not isinstance(table["name"], str) or not table["name"]:
+        raise ConfigError(f"{source}: key 'name' must be a non-empty string")
+    datasets = [Spec.parse(d, f"{source}: datasets")
+                for d in _list_of(table, "datasets", source, object)]
+    pairs = []
+    for i, p in enumerate(_list_of(table, "pairs", source, object)):
+        where = f"{source}: pairs[{i}]"
+        if not isinstance(p, Mapping) or set(p) != {"teacher", "student"}:
+            raise ConfigError(f"{where} must be a table with exactly the keys teacher and student")
+        pairs.append(Pair(Spec.parse(p["teacher"], f"{where}.teacher"),
+                          Spec.parse(p["student"], f"{where}.student")))
+    recipe = dataclass_from_table(Recipe, table.get("recipe", {}), f"{source}: recipe")
+    recipe.validate(f"{source}: recipe")
+    teacher_recipe = dataclass_from_table(Recipe, table.get("teacher_recipe", {}),
+                                          f"{source}: teacher_recipe", base=recipe)
+    teacher_recipe.validate(f"{source}: teacher_recipe")
+    options = table.get("method_options", {})
+    if not isinstance(options, Mapping) or not all(
+            isinstance(v, Mapping) for v in options.values()):
+        raise ConfigError(f"{source}: method_options must hold one table per method name")
+    return Grid(
+        name=table["name"],
+        description=str(table.get("description", "")),
+        datasets=datasets,
+        pairs=pairs,
+        methods=_list_of(table, "methods", source, str),
+        seeds=_list_of(table, "seeds", source, int) if "seeds" in table else [0],
+        recipe=recipe,
+        teacher_recipe=teacher_recipe,
+        method_options={k: dict(v) for k, v in options.items()},
+        source=source,
+    ).validate()
+
+
+def builtin_grids() -> dict[str, Path]:
+    """Names of the grids shipped in ``kt_bench/grids`` mapped to their files."""
+    folder = Path(__file__).parent / "grids"
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def load_grid(name_or_path: str) -> Grid:
+    """A built-in grid by name, or a grid file by path (``*.toml``)."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.is_file():
+        return grid_from_table(read_toml(path), str(path))
+    grids = builtin_grids()
+    if name_or_path not in grids:
+        raise ConfigError(
+            f"unknown grid '{name_or_path}'; known: {', '.join(grids)} (or a path to a .toml file)"
+        )
+    return grid_from_table(read_toml(grids[name_or_path]), str(grids[name_or_path]))

@@ -1,0 +1,283 @@
+"""The one training loop: a student (plus its method's parameters) learns from a frozen teacher.
+
+Accelerate owns the device, mixed precision, the backward pass and data parallelism. Every
+random choice derives from the cell's seed: the student's initialisation (the same for every
+method of a seed), the data order and the augmentation of each epoch, so a cell run twice on
+the CPU gives the same numbers, and a cell resumed from its checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from kt_bench import atomic
+from kt_bench.config import Recipe
+from kt_bench.data.bundle import DataBundle, Split
+from kt_bench.errors import KtBenchError
+from kt_bench.method import Method
+from kt_bench.models import build_model
+from kt_bench.spec import Spec
+from kt_bench.taps import TapRecorder
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+class DivergedError(KtBenchError):
+    """The training loss became NaN or infinite."""
+
+
+def make_accelerator(device: str = "auto", precision: str = "no") -> Accelerator:
+    """An Accelerator for ``device`` (auto|cpu|cuda) and ``precision`` (no|bf16|fp16)."""
+    if device not in DEVICES:
+        raise KtBenchError(f"unknown device '{device}'; accepted: {', '.join(DEVICES)}")
+    if precision not in PRECISIONS:
+        raise KtBenchError(f"unknown precision '{precision}'; accepted: {', '.join(PRECISIONS)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KtBenchError("--device cuda was asked for, but no CUDA device is available")
+    # Accelerate keeps one process-wide state; a new device or precision needs it reset.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+
+
+def derived_seed(seed: int, *salt: int) -> int:
+    """A seed for one purpose (e.g. one epoch's data order) derived from the cell's seed."""
+    value = seed
+    for s in salt:
+        value = (value * 1_000_003 + s + 0x9E3779B9) % (2**63 - 1)
+    return value
+
+
+class Trainee(nn.Module):
+    """The student and its method as one module, so data parallelism sees one forward pass."""
+
+    def __init__(self, student: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+        self.recorder = TapRecorder(student, student.tap_map, method.taps)
+
+    def forward(self, x: torch.Tensor, teacher_taps: dict | None):
+        """The student's logits and the method's unweighted loss terms."""
+        logits = self.student(x)
+        taps = self.recorder.collect(logits)
+        terms = self.method.loss_terms(taps, teacher_taps) if teacher_taps is not None else {}
+        return logits, terms
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced."""
+
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    train_s: float = 0.0
+    images: int = 0
+
+    @property
+    def top1(self) -> float:
+        """Test top-1 accuracy (%) after the last epoch."""
+        return self.history[-1]["top1"]
+
+    @property
+    def top5(self) -> float:
+        """Test top-5 accuracy (%) after the last epoch."""
+        return self.history[-1]["top5"]
+
+    @property
+    def top1_best(self) -> float:
+        """Best test top-1 accuracy (%) over the epochs (shown beside top1, never instead)."""
+        return max(h["top1"] for h in self.history)
+
+    @property
+    def images_per_s(self) -> float:
+        """Training images per second over all processes (evaluation excluded)."""
+        return self.images / self.train_s if self.train_s > 0 else 0.0
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch: a permutation fixed by (seed, epoch), global batches split
+    over ``world`` processes. A last batch of a single sample is dropped (BatchNorm needs two)."""
+    gen = torch.Generator().manual_seed(derived_seed(seed, 1, epoch))
+    perm = torch.randperm(n, generator=gen)
+    for start in range(0, n, batch_size):
+        batch = perm[start:start + batch_size]
+        if batch.numel() < max(2, world):
+            break
+        yield batch[rank::world]
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe):
+    """The per-epoch learning-rate schedule of ``recipe``."""
+    if recipe.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    if recipe.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, list(recipe.milestones), recipe.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@torch.inference_mode()
+def evaluate(accelerator: Accelerator, model: nn.Module, split: Split, batch_size: int) -> dict:
+    """Top-1 and top-5 accuracy (%) of ``model`` on ``split``, each sample counted once over
+    all processes."""
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    idx = torch.arange(len(split))[rank::world]
+    correct = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    k = None
+    for start in range(0, len(idx), batch_size):
+        b = idx[start:start + batch_size]
+        x = split.images[b].to(accelerator.device, non_blocking=True)
+        y = split.labels[b].to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(x)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(y[:, None])
+        correct[0] += hit[:, 0].sum()
+        correct[1] += hit.any(dim=1).sum()
+    total = accelerator.reduce(correct, reduction="sum") if world > 1 else correct
+    top1, top5 = (100.0 * total / len(split)).tolist()
+    return {"top1": top1, "top5": top5}
+
+
+def _tap_shapes(model: nn.Module, taps: tuple[str, ...], x: torch.Tensor) -> dict[str, torch.Size]:
+    recorder = TapRecorder(model, model.tap_map, taps)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = recorder.collect(model(x))
+    finally:
+        recorder.remove()
+        model.train(was_training)
+    return {k: v.shape for k, v in out.items()}
+
+
+def train(
+    data: DataBundle,
+    student_spec: Spec,
+    method: Method,
+    recipe: Recipe,
+    seed: int,
+    accelerator: Accelerator,
+    teacher: nn.Module | None = None,
+    checkpoint: Path | None = None,
+    desc: str = "",
+) -> TrainResult:
+    """Train ``student_spec`` on ``data`` under ``method`` (taught by ``teacher``, if the method
+    needs one) with ``recipe``; evaluate after every epoch.
+
+    With ``checkpoint``, the state after each epoch is written there atomically, and a run
+    that finds one resumes after its epoch.
+    """
+    started = time.perf_counter()
+    if method.needs_teacher and teacher is None:
+        raise KtBenchError(f"method '{method.name}' needs a teacher")
+    set_seed(seed)
+    student = build_model(student_spec, data.num_classes, data.in_channels)
+    probe = data.train.images[:2]
+    teacher_rec = None
+    if method.needs_teacher:
+        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        set_seed(derived_seed(seed, 2))  # the method's own parameters
+        method.setup(_tap_shapes(student, method.taps, probe),
+                     _tap_shapes(teacher, method.taps, probe.to(accelerator.device)))
+        teacher_rec = TapRecorder(teacher, teacher.tap_map, method.taps)
+    trainee = Trainee(student, method)
+    optimizer = torch.optim.SGD(trainee.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    scheduler = make_scheduler(optimizer, recipe)
+    history: list[dict[str, Any]] = []
+    start_epoch, train_s, images = 0, 0.0, 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        trainee.load_state_dict(state["trainee"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, train_s, images = state["history"], state["train_s"], state["images"]
+        start_epoch = len(history)
+    trainee, optimizer = accelerator.prepare(trainee, optimizer)
+    device = accelerator.device
+    train_x = data.train.images.to(device)
+    train_y = data.train.labels.to(device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    steps = math.ceil(len(data.train) / recipe.batch_size)
+    bar = tqdm(total=steps * (recipe.epochs - start_epoch), desc=desc, leave=False,
+               disable=not accelerator.is_local_main_process, unit="step")
+    try:
+        for epoch in range(start_epoch, recipe.epochs):
+            weights = method.term_weights(epoch, recipe.epochs)
+            ce_weight = recipe.ce_weight * method.ce_scale(epoch, recipe.epochs)
+            aug_gen = torch.Generator(device=device).manual_seed(derived_seed(seed, 3, epoch))
+            sums: dict[str, torch.Tensor] = {}
+            n_steps = 0
+            trainee.train()
+            t0 = time.perf_counter()
+            for idx in epoch_batches(len(data.train), recipe.batch_size, seed, epoch, rank, world):
+                idx = idx.to(device)
+                x, y = train_x[idx], train_y[idx]
+                if data.augment is not None:
+                    x = data.augment(x, aug_gen)
+                with accelerator.autocast():
+                    t_taps = None
+                    if teacher_rec is not None:
+                        with torch.inference_mode():
+                            t_taps = teacher_rec.collect(teacher(x))
+                        # clones leave inference mode, so autograd may save them for backward
+                        t_taps = {k: v.clone() for k, v in t_taps.items()}
+                    logits, terms = trainee(x, t_taps)
+                    loss_parts = {}
+                    if ce_weight:
+                        terms["ce"] = F.cross_entropy(logits.float(), y)
+                        loss_parts["ce"] = ce_weight * terms["ce"]
+                    for name, w in weights.items():
+                        if w:
+                            loss_parts[name] = w * terms[name]
+                    loss = sum(loss_parts.values())
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for name, value in {**terms, "loss": loss}.items():
+                    sums[name] = sums.get(name, 0) + value.detach().float()
+                n_steps += 1
+                images += x.shape[0] * world
+                bar.update(1)
+            train_s += time.perf_counter() - t0
+            record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            record.update({k: v.item() / max(n_steps, 1) for k, v in sums.items()})
+            if not math.isfinite(record.get("loss", 0.0)):
+                raise DivergedError(f"loss became {record['loss']} in epoch {epoch + 1}")
+            scheduler.step()
+            record.update(evaluate(accelerator, accelerator.unwrap_model(trainee).student,
+                                   data.test, recipe.eval_batch_size))
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}")
+            if checkpoint is not None and accelerator.is_main_process:
+                atomic.torch_save(checkpoint, {
+                    "trainee": accelerator.unwrap_model(trainee).state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "history": history, "train_s": train_s, "images": images,
+                })
+    finally:
+        bar.close()
+        if teacher_rec is not None:
+            teacher_rec.remove()
+    model = accelerator.unwrap_model(trainee).student
+    return TrainResult(model, history, time.perf_counter() - started, train_s, images)

@@ -1,0 +1,13 @@
+"""The model zoo: every entry builds an nn.Module carrying a ``tap_map`` of canonical tap names.
+
+Canonical taps shared by the zoo: ``stage1``..``stageN`` (output of each stage), ``feat`` (the
+last feature map before global pooling, post-activation), ``feat_pre`` (the same map before its
+final activation, where the architecture has one), ``pool`` (pooled features) and ``logits``.
+"""
+
+from kt_bench.models.zoo import MODELS, build_model, count_parameters, register_model
+
+# Importing the zoo modules registers their entries.
+from kt_bench.models import cifar_resnet, torchvision_zoo  # noqa: E402,F401  isort: skip
+
+__all__ = ["MODELS", "build_model", "count_parameters", "register_model"]

@@ -1,0 +1,90 @@
+"""ResNets for 32x32 inputs (He et al. 2016, section 4.2): depth 6n+2, three stages of n blocks.
+
+Shortcuts that change shape are 1x1 convolutions with BatchNorm (option B), as in the CIFAR-100
+distillation benchmark (RepDistiller); ``width`` multiplies every channel count.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kt_bench.models.zoo import register_model
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual connection; ReLU after the sum."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+        # A module of its own (not in-place) so the pre-activation sum can be tapped.
+        self.relu_out = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu_out(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """A CIFAR ResNet with taps ``stage1..3``, ``feat``, ``feat_pre``, ``pool``, ``logits``."""
+
+    def __init__(self, blocks: int, num_classes: int, in_channels: int = 3, width: float = 1.0):
+        super().__init__()
+        if blocks < 1 or width <= 0:
+            raise ValueError("blocks must be >= 1 and width > 0")
+        chans = [max(1, round(c * width)) for c in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(in_channels, chans[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(chans[0])
+        self.relu = nn.ReLU()
+        stages, in_ch = [], chans[0]
+        for i, ch in enumerate(chans):
+            layers = []
+            for b in range(blocks):
+                layers.append(BasicBlock(in_ch, ch, 2 if (i > 0 and b == 0) else 1))
+                in_ch = ch
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(in_ch, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        last = f"layer3.{blocks - 1}.relu_out"
+        self.tap_map = {
+            "stage1": "layer1",
+            "stage2": "layer2",
+            "stage3": "layer3",
+            "feat": "layer3",
+            "feat_pre": f"{last}:input",
+            "pool": "pool",
+        }
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.pool(x))
+
+
+def _register(depth: int) -> None:
+    blocks = (depth - 2) // 6
+
+    def build(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+        return CifarResNet(blocks, num_classes, in_channels, width)
+
+    build.__doc__ = f"ResNet-{depth} for 32x32 inputs ({blocks} blocks per stage)."
+    build.__qualname__ = f"resnet{depth}"
+    register_model(f"resnet{depth}")(build)
+
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    _register(_depth)

@@ -1,0 +1,103 @@
+"""One registry type for every kind of named thing: methods, models, datasets, grids."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from kt_bench.errors import PluginError, UnknownNameError
+
+T = TypeVar("T")
+
+
+def _origin_of(obj: object) -> str:
+    try:
+        return inspect.getsourcefile(obj) or inspect.getfile(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return repr(obj)
+
+
+class Registry(Generic[T]):
+    """Names mapped to objects of one kind, with the file each came from.
+
+    Registering a name twice from different places is an error naming both files; looking up
+    an unknown name is an error listing the known names.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+        self._origins: dict[str, str] = {}
+
+    def register(self, name: str, obj: T, origin: str | None = None) -> T:
+        """Register ``obj`` under ``name``; ``origin`` (a file) defaults to where obj is defined."""
+        if not name or "+" in name or any(ch.isspace() for ch in name):
+            raise PluginError(
+                f"invalid {self.kind} name {name!r} (from {origin or _origin_of(obj)}): "
+                "names are non-empty and contain no '+' or whitespace"
+            )
+        origin = origin or _origin_of(obj)
+        if name in self._entries:
+            old = self._entries[name]
+            same = old is obj or (
+                getattr(old, "__qualname__", None) == getattr(obj, "__qualname__", object())
+                and self._origins[name] == origin
+            )
+            if same:  # the same definition imported again
+                self._entries[name] = obj
+                return obj
+            raise PluginError(
+                f"duplicate {self.kind} name '{name}': defined in {self._origins[name]} "
+                f"and again in {origin}"
+            )
+        self._entries[name] = obj
+        self._origins[name] = origin
+        return obj
+
+    def decorator(self, name: str) -> Callable[[T], T]:
+        """A decorator form of :meth:`register`."""
+
+        def wrap(obj: T) -> T:
+            return self.register(name, obj)
+
+        return wrap
+
+    def get(self, name: str) -> T:
+        """The object registered as ``name``; an unknown name lists the known ones."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        """The one-line message for an unknown ``name``."""
+        hint = difflib.get_close_matches(name, self.names(), n=1)
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        return f"unknown {self.kind} '{name}'{did_you_mean}; known: {', '.join(self.names())}"
+
+    def origin(self, name: str) -> str:
+        """The file that registered ``name``."""
+        self.get(name)
+        return self._origins[name]
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (used by tests and plugin reloads)."""
+        self._entries.pop(name, None)
+        self._origins.pop(name, None)
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._entries)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        """(name, object) pairs in name order."""
+        for name in self.names():
+            yield name, self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
