@@ -162,17 +162,18 @@ class Grid:
 
     def validate(self) -> Grid:
         """Check every name against the registries and every option against its builder."""
-        from kt_bench.data import load_dataset  # noqa: F401  (registers datasets)
-        from kt_bench.data.bundle import DATASETS
+        from kt_bench.data import DATASETS
         from kt_bench.method import build_method
         from kt_bench.models import MODELS
+        from kt_bench.spec import check_options
 
         try:
             for d in self.datasets:
-                DATASETS.get(d.name)
-            for p in self.pairs:
-                MODELS.get(p.teacher.name)
-                MODELS.get(p.student.name)
+                check_options(DATASETS.get(d.name), d.options, f"dataset '{d.name}'",
+                              ("data_root",))
+            for model in (m for p in self.pairs for m in (p.teacher, p.student)):
+                check_options(MODELS.get(model.name), model.options, f"model '{model.name}'",
+                              ("num_classes", "in_channels"))
             for m in self.methods:
                 build_method(m, self.method_options)
         except KtBenchError as exc:

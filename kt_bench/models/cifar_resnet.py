@@ -81,7 +81,7 @@ def _register(depth: int) -> None:
     def build(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
         return CifarResNet(blocks, num_classes, in_channels, width)
 
-    build.__doc__ = f"ResNet-{depth} for 32x32 inputs ({blocks} blocks per stage)."
+    build.__doc__ = f"ResNet-{depth} for 32x32 inputs (blocks per stage: {blocks})."
     build.__qualname__ = f"resnet{depth}"
     register_model(f"resnet{depth}")(build)
 

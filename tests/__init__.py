@@ -1,0 +1,1 @@
+"""kt-bench test suite."""

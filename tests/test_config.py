@@ -1,0 +1,74 @@
+"""Grid files: loading, validation and one-line errors that name the file and the key."""
+
+import pytest
+
+from kt_bench.config import Recipe, load_grid
+from kt_bench.errors import ConfigError, KtBenchError, UnknownNameError
+
+from .conftest import write_tiny_grid
+
+
+def test_builtin_demo_grid_loads_with_its_eight_methods():
+    grid = load_grid("demo")
+    assert grid.methods == ["student", "kd", "fitnet", "at", "nst_linear", "nst_poly",
+                            "nst_gauss", "kd+nst_poly"]
+    assert grid.datasets[0].name == "digits"
+    # the teacher recipe inherits from the students' recipe, replacing only what it sets
+    assert grid.teacher_recipe.epochs == 30 and grid.teacher_recipe.lr == grid.recipe.lr
+
+
+def test_tiny_grid_file_loads(tiny_grid):
+    grid = load_grid(str(tiny_grid))
+    assert grid.name == "tiny" and grid.recipe == Recipe(epochs=2, batch_size=32, lr=0.05)
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return str(path)
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("epochs = 2\nbatch", "epochs = \"ten\"\nbatch", "recipe.epochs must be an integer, got 'ten'"),
+    ("lr = 0.05", "lr = -1.0", "recipe.lr = -1.0 is invalid; accepted: a number > 0"),
+    ("lr = 0.05", "learning_rate = 0.05", "recipe: unknown key 'learning_rate'; accepted: epochs,"),
+    ('schedule = "cosine"', 'schedule = "linear"',
+     "recipe.schedule = 'linear' is invalid; accepted: one of cosine, multistep, constant"),
+    ("seeds = [0]", "seed = [0]", "unknown key 'seed'; accepted: name, description, datasets"),
+    ('methods = ["student", "kd"]', 'methods = ["student", "kdd"]',
+     "unknown method 'kdd' (did you mean 'kd'?); known: at, fitnet, kd,"),
+    ('name = "synthetic"', 'name = "mnist"', "unknown dataset 'mnist'; known: digits, synthetic"),
+    ("width = 0.25", "depth = 2", "unknown option 'depth' for model 'resnet8'; accepted: width"),
+    ('name = "tiny"', 'name = "tiny', "invalid TOML"),
+    ("[[pairs]]\nteacher", "[[pairs]]\nmentor", "pairs[0] must be a table with exactly the keys"),
+])
+def test_malformed_grid_is_a_one_line_error_naming_file_and_key(tmp_path, old, new, message):
+    path = _edit(write_tiny_grid(tmp_path), old, new)
+    with pytest.raises(KtBenchError) as exc:
+        load_grid(path)
+    text = str(exc.value)
+    assert text.startswith(path) and message in text and "\n" not in text
+
+
+def test_unknown_grid_lists_the_builtin_ones():
+    with pytest.raises(ConfigError, match="unknown grid 'demoo'; known: demo"):
+        load_grid("demoo")
+
+
+def test_unknown_method_option_in_grid_names_the_file(tmp_path):
+    path = write_tiny_grid(tmp_path)
+    path.write_text(path.read_text() + "\n[method_options.kd]\ntemp = 3\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown option 'temp' for method 'kd'"):
+        load_grid(str(path))
+
+
+def test_missing_grid_file_is_named():
+    with pytest.raises(ConfigError, match="nowhere.toml: no such file"):
+        load_grid("nowhere.toml")
+
+
+def test_unknown_name_errors_keep_their_type(tmp_path):
+    path = _edit(write_tiny_grid(tmp_path), '"kd"]', '"nope"]')
+    with pytest.raises(UnknownNameError):
+        load_grid(path)

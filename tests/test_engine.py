@@ -1,0 +1,147 @@
+"""The training engine: reproducibility, exact resume, shared initialisation, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kt_bench.methods.kd import KD
+
+from kt_bench.config import Recipe
+from kt_bench.data import load_dataset
+from kt_bench.engine import DivergedError, epoch_batches, make_accelerator, train
+from kt_bench.errors import KtBenchError
+from kt_bench.method import build_method, register_method
+from kt_bench.spec import Spec
+
+DATA = Spec("synthetic", {"n_train": 96, "n_test": 48, "image_size": 8, "noise": 2.0,
+                          "augment": True})
+TEACHER = Spec("resnet8", {"width": 0.5})
+STUDENT = Spec("resnet8", {"width": 0.25})
+RECIPE = Recipe(epochs=3, batch_size=32, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(DATA)
+
+
+@pytest.fixture(scope="module")
+def teacher(data):
+    acc = make_accelerator("cpu")
+    return train(data, TEACHER, build_method("student"), Recipe(epochs=2, batch_size=32), 0,
+                 acc).model
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_same_cell_twice_gives_identical_numbers(data, teacher):
+    acc = make_accelerator("cpu")
+    a = train(data, STUDENT, build_method("kd+nst_poly"), RECIPE, 5, acc, teacher)
+    b = train(data, STUDENT, build_method("kd+nst_poly"), RECIPE, 5, acc, teacher)
+    assert a.history == b.history
+    pa, pb = _params(a.model), _params(b.model)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    c = train(data, STUDENT, build_method("kd+nst_poly"), RECIPE, 6, acc, teacher)
+    assert c.history != a.history  # the seed matters
+
+
+def test_every_method_of_a_seed_starts_from_the_same_student(data, teacher):
+    acc = make_accelerator("cpu")
+    frozen = Recipe(epochs=1, batch_size=32, lr=0.0, momentum=0.0, weight_decay=0.0)
+    models = [train(data, STUDENT, build_method(m), frozen, 3, acc, teacher).model
+              for m in ("student", "fitnet", "at")]
+    first = dict(models[0].named_parameters())
+    for other in models[1:]:
+        for name, p in other.named_parameters():
+            assert torch.equal(p, first[name]), name
+
+
+class _Interrupt(RuntimeError):
+    pass
+
+
+def test_resume_from_checkpoint_ends_with_the_same_numbers(data, teacher, tmp_path):
+    acc = make_accelerator("cpu")
+    full = train(data, STUDENT, build_method("fitnet"), RECIPE, 1, acc, teacher)
+
+    @register_method("kd_crashing")
+    class Crashing(KD):
+        """KD that dies at the start of the third epoch, like a killed process."""
+
+        def term_weights(self, epoch, epochs):
+            if epoch == 2:
+                raise _Interrupt
+            return super().term_weights(epoch, epochs)
+
+    ckpt = tmp_path / "ckpt.pt"
+    kd_full = train(data, STUDENT, build_method("kd"), RECIPE, 1, acc, teacher)
+    with pytest.raises(_Interrupt):
+        train(data, STUDENT, build_method("kd_crashing"), RECIPE, 1, acc, teacher, checkpoint=ckpt)
+    assert ckpt.exists()
+    resumed = train(data, STUDENT, build_method("kd"), RECIPE, 1, acc, teacher, checkpoint=ckpt)
+    assert len(resumed.history) == 3
+    # the first two epochs were logged under the stand-in's name; the numbers are what count
+    renamed = [{("kd" if k == "kd_crashing" else k): v for k, v in h.items()}
+               for h in resumed.history]
+    assert renamed == kd_full.history
+    pa, pb = _params(kd_full.model), _params(resumed.model)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert full.history != kd_full.history
+
+
+def test_nan_loss_raises_diverged(data, teacher):
+    @register_method("nan_method")
+    class NaNMethod(KD):
+        """Returns NaN."""
+
+        def loss_terms(self, student, teacher):
+            return {self.name: student["logits"].sum() * float("nan")}
+
+    with pytest.raises(DivergedError, match="loss became nan in epoch 1"):
+        train(data, STUDENT, build_method("nan_method"), RECIPE, 0, make_accelerator("cpu"),
+              teacher)
+
+
+def test_method_needing_a_teacher_without_one_is_an_error(data):
+    with pytest.raises(KtBenchError, match="method 'kd' needs a teacher"):
+        train(data, STUDENT, build_method("kd"), RECIPE, 0, make_accelerator("cpu"))
+
+
+def test_bf16_autocast_runs_on_cpu(data, teacher):
+    acc = make_accelerator("cpu", "bf16")
+    result = train(data, STUDENT, build_method("kd+nst_gauss"), Recipe(epochs=1, batch_size=32),
+                   0, acc, teacher)
+    assert math.isfinite(result.history[0]["loss"]) and 0 <= result.top1 <= 100
+
+
+def test_two_stage_fitnet_trains_only_the_hint_path_first(data, teacher):
+    acc = make_accelerator("cpu")
+    method = build_method("fitnet", {"fitnet": {"hint_epochs": 1}})
+    recipe = Recipe(epochs=1, batch_size=32)
+    init = train(data, STUDENT, build_method("student"),
+                 Recipe(epochs=1, batch_size=32, lr=0.0, momentum=0.0, weight_decay=0.0), 0,
+                 acc).model
+    hinted = train(data, STUDENT, method, recipe, 0, acc, teacher).model
+    # stage 1: no labels, so the classifier and the last stage are untouched
+    assert torch.equal(hinted.fc.weight, init.fc.weight)
+    assert not torch.equal(hinted.layer1[0].conv1.weight, init.layer1[0].conv1.weight)
+
+
+def test_epoch_batches_split_one_global_batch_over_processes():
+    whole = list(epoch_batches(10, 4, seed=0, epoch=0))
+    parts = [list(epoch_batches(10, 4, seed=0, epoch=0, rank=r, world=2)) for r in (0, 1)]
+    assert [b.numel() for b in whole] == [4, 4, 2]
+    for i, batch in enumerate(whole):
+        assert sorted(torch.cat([parts[0][i], parts[1][i]]).tolist()) == sorted(batch.tolist())
+    assert not torch.equal(whole[0], list(epoch_batches(10, 4, seed=0, epoch=1))[0])
+
+
+def test_unknown_device_and_precision_are_one_line_errors():
+    with pytest.raises(KtBenchError, match="unknown device 'tpu'; accepted: auto, cpu, cuda"):
+        make_accelerator("tpu")
+    with pytest.raises(KtBenchError, match="unknown precision 'fp8'; accepted: no, bf16, fp16"):
+        make_accelerator("cpu", "fp8")

@@ -1,0 +1,228 @@
+"""Each method's loss against a direct, loop-by-loop computation of its formula."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kt_bench.methods.at import at_loss
+from kt_bench.methods.fitnet import fitnet_loss
+from kt_bench.methods.kd import kd_loss
+from kt_bench.methods.nst import nst_loss
+
+from kt_bench.align import align_spatial
+
+torch.manual_seed(0)
+
+
+def _softmax(z):
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_kd_loss_is_t2_times_kl_teacher_to_student():
+    s, t, T = torch.randn(4, 7), torch.randn(4, 7), 3.0
+    expected = 0.0
+    for i in range(4):
+        p_s = _softmax([v / T for v in s[i].tolist()])
+        p_t = _softmax([v / T for v in t[i].tolist()])
+        expected += sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s, strict=True))
+    expected = T * T * expected / 4
+    assert kd_loss(s, t, T).item() == pytest.approx(expected, rel=1e-5)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fitnet_loss_is_elementwise_mse():
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    pairs = zip(a.flatten().tolist(), b.flatten().tolist(), strict=True)
+    expected = sum((x - y) ** 2 for x, y in pairs) / a.numel()
+    assert fitnet_loss(a, b).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _attention_direct(f, p):
+    b, c, h, w = f.shape
+    maps = []
+    for n in range(b):
+        q = [sum(abs(f[n, k, y, x].item()) ** p for k in range(c))
+             for y in range(h) for x in range(w)]
+        norm = math.sqrt(sum(v * v for v in q))
+        maps.append([v / norm for v in q])
+    return maps
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_at_loss_matches_formula(p):
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
+    qs, qt = _attention_direct(s, p), _attention_direct(t, p)
+    expected = sum((a - b) ** 2 for n in range(2)
+                   for a, b in zip(qs[n], qt[n], strict=True)) / (2 * 16)
+    assert at_loss(s, t, p).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_at_loss_pools_the_larger_map():
+    s, t = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)
+    pooled = s.reshape(2, 3, 4, 2, 4, 2).mean(dim=(3, 5))  # 2x2 average = adaptive pool 8 -> 4
+    assert at_loss(s, t).item() == pytest.approx(at_loss(pooled, t).item(), rel=1e-6)
+
+
+# ---- NST -------------------------------------------------------------------------------------
+
+def _rows(f):
+    """Per sample: list of L2-normalised channel maps (as float64 lists)."""
+    out = []
+    for n in range(f.shape[0]):
+        chans = []
+        for k in range(f.shape[1]):
+            v = f[n, k].flatten().double()
+            chans.append((v / v.norm()).tolist())
+        out.append(chans)
+    return out
+
+
+def _dot(x, y):
+    return sum(a * b for a, b in zip(x, y, strict=True))
+
+
+def _sqdist(x, y):
+    return sum((a - b) ** 2 for a, b in zip(x, y, strict=True))
+
+
+def _mean_kernel(xs, ys, kernel, degree, c, sigma2):
+    pairs = list(itertools.product(xs, ys))
+    if kernel == "linear":
+        vals = [_dot(x, y) for x, y in pairs]
+    elif kernel == "poly":
+        vals = [(_dot(x, y) + c) ** degree for x, y in pairs]
+    else:
+        s2 = sigma2 if sigma2 is not None else sum(_sqdist(x, y) for x, y in pairs) / len(pairs)
+        vals = [math.exp(-_sqdist(x, y) / (2 * s2)) for x, y in pairs]
+    return sum(vals) / len(vals)
+
+
+def _mean_sqdist(xs, ys):
+    return sum(_sqdist(x, y) for x in xs for y in ys) / (len(xs) * len(ys))
+
+
+def nst_direct(f_s, f_t, kernel, degree=2, c=0.0, sigma2=None, sigma_from=None):
+    """MMD² = mean k(t,t') + mean k(s,s') - 2 mean k(s,t), per sample, averaged.
+
+    With ``sigma_from=(f_s0, f_t0)`` and ``sigma2=None``, each term's sigma² is the mean
+    squared pair distance of the *base* maps (frozen, as the loss detaches it).
+    """
+    total = 0.0
+    base = zip(_rows(sigma_from[0]), _rows(sigma_from[1]), strict=True) if sigma_from else None
+    for s, t in zip(_rows(f_s), _rows(f_t), strict=True):
+        s2 = [sigma2] * 3
+        if base is not None:
+            s0, t0 = next(base)
+            s2 = [_mean_sqdist(t0, t0), _mean_sqdist(s0, s0), _mean_sqdist(s0, t0)]
+        total += (_mean_kernel(t, t, kernel, degree, c, s2[0])
+                  + _mean_kernel(s, s, kernel, degree, c, s2[1])
+                  - 2 * _mean_kernel(s, t, kernel, degree, c, s2[2]))
+    return total / f_s.shape[0]
+
+
+CASES = [
+    dict(kernel="linear"),
+    dict(kernel="poly", degree=2, c=0.0),
+    dict(kernel="poly", degree=3, c=1.0),
+    dict(kernel="gaussian", sigma2=None),
+    dict(kernel="gaussian", sigma2=0.7),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_nst_loss_matches_formula_with_unequal_channels(case):
+    f_s, f_t = torch.randn(2, 3, 3, 3), torch.randn(2, 5, 3, 3)
+    got = nst_loss(f_s, f_t, **case).item()
+    assert got == pytest.approx(nst_direct(f_s, f_t, **case), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[3:4], ids=["linear", "poly", "gauss"])
+def test_nst_loss_aligns_unequal_spatial_sizes_by_pooling(case):
+    f_s, f_t = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 3, 3)
+    pooled = F.adaptive_avg_pool2d(f_s, 3)
+    assert nst_loss(f_s, f_t, **case).item() == pytest.approx(nst_direct(pooled, f_t, **case),
+                                                               rel=1e-4, abs=1e-7)
+    up, _ = align_spatial(f_t, f_s, "interpolate")  # teacher larger: student is resized up
+    got = nst_loss(f_t, f_s, align="interpolate", **case).item()
+    assert got == pytest.approx(nst_direct(up, f_s, **case), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "poly", "gaussian"])
+def test_nst_loss_is_zero_for_equal_maps_and_positive_otherwise(kernel):
+    f = torch.randn(3, 6, 4, 4)
+    assert nst_loss(f, f.clone(), kernel=kernel).item() == pytest.approx(0.0, abs=1e-6)
+    assert nst_loss(torch.randn(3, 6, 4, 4), f, kernel=kernel).item() > 1e-4
+
+
+@pytest.mark.parametrize("kernel", ["linear", "poly"])
+@pytest.mark.parametrize("shape_s,shape_t", [((2, 16, 2, 2), (2, 24, 2, 2)),   # HW < C
+                                             ((2, 3, 5, 5), (2, 4, 5, 5))])    # HW > C
+def test_nst_gram_and_kernel_forms_agree(kernel, shape_s, shape_t):
+    f_s, f_t = torch.randn(shape_s), torch.randn(shape_t)
+    a = nst_loss(f_s, f_t, kernel=kernel, form="kernel")
+    b = nst_loss(f_s, f_t, kernel=kernel, form="gram")
+    c = nst_loss(f_s, f_t, kernel=kernel, form="auto")
+    assert a.item() == pytest.approx(b.item(), rel=1e-4, abs=1e-7)
+    assert c.item() == pytest.approx(a.item(), rel=1e-4, abs=1e-7)
+
+
+def test_nst_gram_form_refuses_other_kernels():
+    with pytest.raises(ValueError, match="form='gram'"):
+        nst_loss(torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2), kernel="poly", c=1.0,
+                 form="gram")
+    with pytest.raises(ValueError, match="accepted: linear, poly, gaussian"):
+        nst_loss(torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2), kernel="cubic")
+
+
+# ---- gradients -------------------------------------------------------------------------------
+
+GRAD_LOSSES = {
+    "kd": lambda s, t: kd_loss(s.flatten(1), t.flatten(1), 2.0),
+    "fitnet": fitnet_loss,
+    "at": at_loss,
+    **{f"nst-{c['kernel']}-{c.get('sigma2')}-{c.get('c')}": (lambda s, t, c=c: nst_loss(s, t, **c))
+       for c in CASES if not (c["kernel"] == "gaussian" and c["sigma2"] is None)},
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_LOSSES))
+def test_gradient_reaches_the_student_only_and_matches_finite_differences(name):
+    loss_fn = GRAD_LOSSES[name]
+    f_s = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    # the functions compute in float32 for mixed precision; check the gradient against central
+    # finite differences at float32 tolerance.
+    loss = loss_fn(f_s, f_t)
+    loss.backward()
+    assert f_t.grad is None or torch.count_nonzero(f_t.grad) == 0
+    grad = f_s.grad.clone()
+    eps = 1e-3
+    flat = f_s.detach().clone().flatten()
+    for i in range(0, flat.numel(), 5):
+        plus, minus = flat.clone(), flat.clone()
+        plus[i] += eps
+        minus[i] -= eps
+        num = (loss_fn(plus.view_as(f_s), f_t.detach()) - loss_fn(minus.view_as(f_s), f_t.detach()))
+        num = num.item() / (2 * eps)
+        assert grad.flatten()[i].item() == pytest.approx(num, rel=2e-2, abs=2e-4), i
+
+
+def test_gaussian_default_sigma_is_detached_from_the_gradient():
+    """sigma2=None: the gradient is that of the loss with each term's sigma² held fixed."""
+    f_s = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    f_t = torch.randn(1, 4, 2, 2, dtype=torch.float64)
+    nst_loss(f_s, f_t, kernel="gaussian").backward()
+    base = (f_s.detach(), f_t)
+    eps = 1e-4
+    flat = f_s.detach().flatten()
+    for i in range(flat.numel()):
+        plus, minus = flat.clone(), flat.clone()
+        plus[i] += eps
+        minus[i] -= eps
+        num = (nst_direct(plus.view_as(f_s), f_t, "gaussian", sigma_from=base)
+               - nst_direct(minus.view_as(f_s), f_t, "gaussian", sigma_from=base)) / (2 * eps)
+        assert f_s.grad.flatten()[i].item() == pytest.approx(num, rel=2e-2, abs=1e-5), i
