@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from kt_bench import atomic
 from kt_bench.config import Recipe
-from kt_bench.data.bundle import DataBundle, Split
+from kt_bench.data.bundle import DataBundle, derived_seed
 from kt_bench.errors import KtBenchError
 from kt_bench.method import Method
 from kt_bench.models import build_model
@@ -51,14 +50,6 @@ def make_accelerator(device: str = "auto", precision: str = "no") -> Accelerator
     # Accelerate keeps one process-wide state; a new device or precision needs it reset.
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=device == "cpu", mixed_precision=precision)
-
-
-def derived_seed(seed: int, *salt: int) -> int:
-    """A seed for one purpose (e.g. one epoch's data order) derived from the cell's seed."""
-    value = seed
-    for s in salt:
-        value = (value * 1_000_003 + s + 0x9E3779B9) % (2**63 - 1)
-    return value
 
 
 class Trainee(nn.Module):
@@ -109,19 +100,6 @@ class TrainResult:
         return self.images / self.train_s if self.train_s > 0 else 0.0
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world: int = 1) -> Iterator[torch.Tensor]:
-    """Index batches of one epoch: a permutation fixed by (seed, epoch), global batches split
-    over ``world`` processes. A last batch of a single sample is dropped (BatchNorm needs two)."""
-    gen = torch.Generator().manual_seed(derived_seed(seed, 1, epoch))
-    perm = torch.randperm(n, generator=gen)
-    for start in range(0, n, batch_size):
-        batch = perm[start:start + batch_size]
-        if batch.numel() < max(2, world):
-            break
-        yield batch[rank::world]
-
-
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe):
     """The per-epoch learning-rate schedule of ``recipe``."""
     if recipe.schedule == "cosine":
@@ -133,27 +111,21 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe):
 
 
 @torch.inference_mode()
-def evaluate(accelerator: Accelerator, model: nn.Module, split: Split, batch_size: int) -> dict:
-    """Top-1 and top-5 accuracy (%) of ``model`` on ``split``, each sample counted once over
-    all processes."""
+def evaluate(accelerator: Accelerator, model: nn.Module, data: DataBundle, batch_size: int) -> dict:
+    """Top-1 and top-5 accuracy (%) of ``model`` on the test split of ``data``, each sample
+    counted once over all processes."""
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
-    idx = torch.arange(len(split))[rank::world]
     correct = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    k = None
-    for start in range(0, len(idx), batch_size):
-        b = idx[start:start + batch_size]
-        x = split.images[b].to(accelerator.device, non_blocking=True)
-        y = split.labels[b].to(accelerator.device, non_blocking=True)
+    for x, y in data.test_batches(batch_size, accelerator.device, rank, world):
         with accelerator.autocast():
             logits = model(x)
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(y[:, None])
         correct[0] += hit[:, 0].sum()
         correct[1] += hit.any(dim=1).sum()
     total = accelerator.reduce(correct, reduction="sum") if world > 1 else correct
-    top1, top5 = (100.0 * total / len(split)).tolist()
+    top1, top5 = (100.0 * total / data.n_test).tolist()
     return {"top1": top1, "top5": top5}
 
 
@@ -192,7 +164,7 @@ def train(
         raise KtBenchError(f"method '{method.name}' needs a teacher")
     set_seed(seed)
     student = build_model(student_spec, data.num_classes, data.in_channels)
-    probe = data.train.images[:2]
+    probe = data.probe()
     teacher_rec = None
     if method.needs_teacher:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
@@ -215,26 +187,20 @@ def train(
         start_epoch = len(history)
     trainee, optimizer = accelerator.prepare(trainee, optimizer)
     device = accelerator.device
-    train_x = data.train.images.to(device)
-    train_y = data.train.labels.to(device)
     rank, world = accelerator.process_index, accelerator.num_processes
-    steps = math.ceil(len(data.train) / recipe.batch_size)
+    steps = math.ceil(data.n_train / recipe.batch_size)
+    base_ce = recipe.ce_weight if method.ce_weight is None else method.ce_weight
     bar = tqdm(total=steps * (recipe.epochs - start_epoch), desc=desc, leave=False,
                disable=not accelerator.is_local_main_process, unit="step")
     try:
         for epoch in range(start_epoch, recipe.epochs):
             weights = method.term_weights(epoch, recipe.epochs)
-            ce_weight = recipe.ce_weight * method.ce_scale(epoch, recipe.epochs)
-            aug_gen = torch.Generator(device=device).manual_seed(derived_seed(seed, 3, epoch))
+            ce_weight = base_ce * method.ce_scale(epoch, recipe.epochs)
             sums: dict[str, torch.Tensor] = {}
             n_steps = 0
             trainee.train()
             t0 = time.perf_counter()
-            for idx in epoch_batches(len(data.train), recipe.batch_size, seed, epoch, rank, world):
-                idx = idx.to(device)
-                x, y = train_x[idx], train_y[idx]
-                if data.augment is not None:
-                    x = data.augment(x, aug_gen)
+            for x, y in data.train_batches(epoch, seed, recipe.batch_size, device, rank, world):
                 with accelerator.autocast():
                     t_taps = None
                     if teacher_rec is not None:
@@ -266,7 +232,7 @@ def train(
                 raise DivergedError(f"loss became {record['loss']} in epoch {epoch + 1}")
             scheduler.step()
             record.update(evaluate(accelerator, accelerator.unwrap_model(trainee).student,
-                                   data.test, recipe.eval_batch_size))
+                                   data, recipe.eval_batch_size))
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}")
             if checkpoint is not None and accelerator.is_main_process:

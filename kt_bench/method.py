@@ -37,6 +37,9 @@ class Method(nn.Module):
         super().__init__()
         self.weight = float(self.default_weight if weight is None else weight)
         self.taps: tuple[str, ...] = ()
+        #: The cross-entropy weight this method trains with; None: the recipe's ``ce_weight``.
+        #: Set by the option ``ce_weight``, which every method accepts.
+        self.ce_weight: float | None = None
 
     @property
     def needs_teacher(self) -> bool:
@@ -60,7 +63,9 @@ class Method(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """The method's resolved options (for result rows and cell ids)."""
-        out = {"weight": self.weight}
+        out: dict[str, Any] = {"weight": self.weight}
+        if self.ce_weight is not None:
+            out["ce_weight"] = self.ce_weight
         for key in accepted_options(type(self).__init__):
             if key != "weight" and hasattr(self, key):
                 out[key] = getattr(self, key)
@@ -74,6 +79,11 @@ class CombinedMethod(Method):
         super().__init__(weight=1.0)
         self.members = nn.ModuleList(members)
         self.taps = tuple(dict.fromkeys(t for m in members for t in m.taps))
+        ce = {m.ce_weight for m in members if m.ce_weight is not None}
+        if len(ce) > 1:
+            names = "+".join(m.name for m in members)
+            raise ConfigError(f"method '{names}': members set different ce_weight {sorted(ce)}")
+        self.ce_weight = ce.pop() if ce else None
 
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
         """Set up every member."""
@@ -145,9 +155,15 @@ def build_method(spec: str, options: Mapping[str, Mapping[str, Any]] | None = No
     for part in split_method_name(spec):
         cls = METHODS.get(part)
         opts = dict(options.get(part, {}))
-        check_options(cls.__init__, opts, f"method '{part}'")
+        ce_weight = opts.pop("ce_weight", None)
+        check_options(cls.__init__, opts, f"method '{part}'", extra=("ce_weight",))
         try:
-            members.append(cls(**opts))
+            member = cls(**opts)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"method '{part}': {exc}") from None
+        if ce_weight is not None:
+            if not isinstance(ce_weight, (int, float)) or ce_weight < 0:
+                raise ConfigError(f"method '{part}': ce_weight must be a number >= 0")
+            member.ce_weight = float(ce_weight)
+        members.append(member)
     return members[0] if len(members) == 1 else CombinedMethod(members)

@@ -53,10 +53,12 @@ def accepted_options(fn: Callable, fixed: Collection[str] = ()) -> list[str]:
 
 
 def check_options(
-    fn: Callable, options: Mapping[str, Any], what: str, fixed: Collection[str] = ()
+    fn: Callable, options: Mapping[str, Any], what: str, fixed: Collection[str] = (),
+    extra: Collection[str] = (),
 ) -> None:
-    """Raise a one-line ConfigError if ``options`` holds a key ``fn`` does not accept."""
-    accepted = accepted_options(fn, fixed)
+    """Raise a one-line ConfigError if ``options`` holds a key ``fn`` does not accept
+    (``extra`` names keys accepted besides ``fn``'s own)."""
+    accepted = [*accepted_options(fn, fixed), *extra]
     for key in options:
         if key not in accepted:
             raise ConfigError(

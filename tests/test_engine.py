@@ -10,7 +10,8 @@ from kt_bench.methods.kd import KD
 
 from kt_bench.config import Recipe
 from kt_bench.data import load_dataset
-from kt_bench.engine import DivergedError, epoch_batches, make_accelerator, train
+from kt_bench.data.bundle import epoch_batches
+from kt_bench.engine import DivergedError, make_accelerator, train
 from kt_bench.errors import KtBenchError
 from kt_bench.method import build_method, register_method
 from kt_bench.spec import Spec
@@ -132,12 +133,15 @@ def test_two_stage_fitnet_trains_only_the_hint_path_first(data, teacher):
 
 
 def test_epoch_batches_split_one_global_batch_over_processes():
-    whole = list(epoch_batches(10, 4, seed=0, epoch=0))
-    parts = [list(epoch_batches(10, 4, seed=0, epoch=0, rank=r, world=2)) for r in (0, 1)]
-    assert [b.numel() for b in whole] == [4, 4, 2]
+    assert [b.numel() for b in epoch_batches(10, 4, seed=0, epoch=0)] == [4, 4, 2]
+    # a last batch of fewer than two samples per process is dropped (BatchNorm needs two)
+    assert [b.numel() for b in epoch_batches(9, 4, seed=0, epoch=0)] == [4, 4]
+    whole = list(epoch_batches(12, 4, seed=0, epoch=0))
+    parts = [list(epoch_batches(12, 4, seed=0, epoch=0, rank=r, world=2)) for r in (0, 1)]
+    assert len(parts[0]) == len(whole) == 3
     for i, batch in enumerate(whole):
         assert sorted(torch.cat([parts[0][i], parts[1][i]]).tolist()) == sorted(batch.tolist())
-    assert not torch.equal(whole[0], list(epoch_batches(10, 4, seed=0, epoch=1))[0])
+    assert not torch.equal(whole[0], list(epoch_batches(12, 4, seed=0, epoch=1))[0])
 
 
 def test_unknown_device_and_precision_are_one_line_errors():

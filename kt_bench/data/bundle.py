@@ -1,9 +1,17 @@
-"""The dataset registry and the in-memory bundle every dataset builder returns."""
+"""The dataset registry and the two kinds of dataset bundle the engine trains from.
+
+``TensorData`` holds both splits in memory (on the training device once used) and augments
+whole batches with tensor ops; ``LoaderData`` streams a torch ``Dataset`` (an image folder)
+through a DataLoader. Both give batches of normalised float images already on the device, in an
+order fixed by (seed, epoch) and split over processes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -12,11 +20,38 @@ from kt_bench.spec import Spec, check_options
 
 #: An augmentation applied to a whole batch on its device: ``f(images, generator) -> images``.
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def derived_seed(seed: int, *salt: int) -> int:
+    """A seed for one purpose (e.g. one epoch's data order) derived from the cell's seed."""
+    value = seed
+    for s in salt:
+        value = (value * 1_000_003 + s + 0x9E3779B9) % (2**63 - 1)
+    return value
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch: a permutation fixed by (seed, epoch), global batches split
+    over ``world`` processes. A last batch smaller than two samples per process is dropped
+    (BatchNorm needs two)."""
+    gen = torch.Generator().manual_seed(derived_seed(seed, 1, epoch))
+    perm = torch.randperm(n, generator=gen)
+    for start in range(0, n, batch_size):
+        batch = perm[start:start + batch_size]
+        if batch.numel() < 2 * world:
+            break
+        yield batch[rank::world]
 
 
 @dataclass
 class Split:
-    """Images (N, C, H, W, float32, normalised) and integer labels (N,) of one split."""
+    """Images (N, C, H, W) and integer labels (N,) of one split.
+
+    Images are uint8 (normalised per batch with the bundle's mean and std) or float32
+    (already normalised).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -25,34 +60,180 @@ class Split:
         return int(self.labels.shape[0])
 
 
-@dataclass
 class DataBundle:
-    """A dataset ready for training: both splits, its shape facts and its train augmentation."""
+    """A dataset ready for training: batches of normalised images on the training device."""
+
+    name: str
+    num_classes: int
+    n_train: int
+    n_test: int
+
+    def train_batches(self, epoch: int, seed: int, batch_size: int, device: torch.device,
+                      rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """The augmented training batches of ``epoch``, this process's share of each."""
+        raise NotImplementedError
+
+    def test_batches(self, batch_size: int, device: torch.device, rank: int = 0,
+                     world: int = 1) -> Iterator[Batch]:
+        """The test split, each sample in exactly one process's batches."""
+        raise NotImplementedError
+
+    def probe(self, n: int = 2) -> torch.Tensor:
+        """``n`` normalised training images on the CPU (for shape probing)."""
+        raise NotImplementedError
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of one image."""
+        return int(self.probe(1).shape[1])
+
+
+@dataclass
+class TensorData(DataBundle):
+    """A dataset held in memory as tensors; augmentation runs batched on the device."""
 
     name: str
     train: Split
     test: Split
     num_classes: int
     augment: Augment | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_train(self) -> int:  # type: ignore[override]
+        return len(self.train)
+
+    @property
+    def n_test(self) -> int:  # type: ignore[override]
+        return len(self.test)
 
     @property
     def in_channels(self) -> int:
         """Channels of one image."""
         return int(self.train.images.shape[1])
 
+    def _on(self, device: torch.device) -> dict:
+        key = str(device)
+        if key not in self._cache:
+            self._cache.clear()
+            entry = {"train": Split(self.train.images.to(device), self.train.labels.to(device)),
+                     "test": Split(self.test.images.to(device), self.test.labels.to(device))}
+            if self.mean is not None:
+                shape = (1, -1, 1, 1)
+                entry["mean"] = torch.tensor(self.mean, device=device).view(shape)
+                entry["std"] = torch.tensor(self.std, device=device).view(shape)
+            self._cache[key] = entry
+        return self._cache[key]
+
+    def _normalise(self, x: torch.Tensor, on: dict) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            return (x.float().div_(255) - on["mean"]) / on["std"]
+        return x
+
+    def train_batches(self, epoch, seed, batch_size, device, rank=0, world=1):
+        """Batches of one epoch; augmentation (crop, flip) on the device, then normalisation."""
+        on = self._on(device)
+        gen = torch.Generator(device=device).manual_seed(derived_seed(seed, 3, epoch))
+        for idx in epoch_batches(self.n_train, batch_size, seed, epoch, rank, world):
+            idx = idx.to(device)
+            x = on["train"].images[idx]
+            if self.augment is not None:
+                x = self.augment(x, gen)
+            yield self._normalise(x, on), on["train"].labels[idx]
+
+    def test_batches(self, batch_size, device, rank=0, world=1):
+        """The test split in order, every ``world``-th sample for process ``rank``."""
+        on = self._on(device)
+        idx = torch.arange(self.n_test, device=device)[rank::world]
+        for start in range(0, len(idx), batch_size):
+            b = idx[start:start + batch_size]
+            yield self._normalise(on["test"].images[b], on), on["test"].labels[b]
+
+    def probe(self, n: int = 2) -> torch.Tensor:
+        """The first ``n`` training images, normalised, on the CPU."""
+        x = self.train.images[:n]
+        if x.dtype == torch.uint8:
+            mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+            std = torch.tensor(self.std).view(1, -1, 1, 1)
+            x = (x.float() / 255 - mean) / std
+        return x
+
+
+@dataclass
+class LoaderData(DataBundle):
+    """A dataset streamed from disk through a DataLoader (e.g. an ImageNet folder tree).
+
+    The transforms of ``train`` and ``test`` produce normalised tensors; worker randomness is
+    seeded from (seed, epoch), so a fixed number of ``workers`` gives a repeatable epoch.
+    """
+
+    name: str
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    num_classes: int
+    workers: int = 4
+
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(H, W) of one image."""
-        return tuple(self.train.images.shape[2:])  # type: ignore[return-value]
+    def n_train(self) -> int:  # type: ignore[override]
+        return len(self.train)
+
+    @property
+    def n_test(self) -> int:  # type: ignore[override]
+        return len(self.test)
+
+    def _loader(self, dataset, batches: list[list[int]], seed: int, device: torch.device):
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=self.workers,
+            generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+
+    def train_batches(self, epoch, seed, batch_size, device, rank=0, world=1):
+        """Batches of one epoch loaded by worker processes."""
+        batches = [b.tolist() for b in epoch_batches(self.n_train, batch_size, seed, epoch,
+                                                     rank, world)]
+        for x, y in self._loader(self.train, batches, derived_seed(seed, 3, epoch), device):
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def test_batches(self, batch_size, device, rank=0, world=1):
+        """The test split in order, every ``world``-th sample for process ``rank``."""
+        idx = list(range(self.n_test))[rank::world]
+        batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+        for x, y in self._loader(self.test, batches, 0, device):
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def probe(self, n: int = 2) -> torch.Tensor:
+        """The first ``n`` test images (deterministic transforms)."""
+        return torch.stack([self.test[i][0] for i in range(n)])
 
 
 #: Builders ``f(data_root, **options) -> DataBundle``.
 DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
 
 
-def register_dataset(name: str) -> Callable:
-    """Decorator registering a dataset builder under ``name``."""
-    return DATASETS.decorator(name)
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset is, known without loading it (for dry runs and cost estimates)."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    n_train: int
+
+
+#: ``name -> f(**options) -> DatasetInfo``.
+DATASET_INFO: dict[str, Callable[..., DatasetInfo]] = {}
+
+
+def register_dataset(name: str, info: Callable[..., DatasetInfo]) -> Callable:
+    """Decorator registering a dataset builder under ``name`` with its ``info`` function."""
+
+    def wrap(builder):
+        DATASETS.register(name, builder)
+        DATASET_INFO[name] = info
+        return builder
+
+    return wrap
 
 
 def load_dataset(spec: Spec | str, data_root: str | None = None) -> DataBundle:
@@ -63,8 +244,41 @@ def load_dataset(spec: Spec | str, data_root: str | None = None) -> DataBundle:
     return builder(data_root=data_root, **spec.options)
 
 
+def dataset_info(spec: Spec | str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``spec`` without loading any data."""
+    spec = Spec.parse(spec, "dataset")
+    DATASETS.get(spec.name)
+    info = DATASET_INFO[spec.name]
+    accepted = set(info.__code__.co_varnames[:info.__code__.co_argcount])
+    return info(**{k: v for k, v in spec.options.items() if k in accepted})
+
+
+def data_root(root: str | os.PathLike | None) -> Path:
+    """Where datasets live: ``root``, else ``$KT_BENCH_DATA``, else ``~/.cache/kt-bench/data``."""
+    if root:
+        return Path(root).expanduser()
+    env = os.environ.get("KT_BENCH_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kt-bench" / "data"
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), in the [0, 1] scale."""
+    x = images.float().div_(255)
+    return (tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist()))
+
+
 def normalise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standardise both splits per channel with the training split's mean and std."""
+    """Standardise float splits per channel with the training split's mean and std."""
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     return (train - mean) / std, (test - mean) / std
+
+
+def first_per_class(labels: torch.Tensor, per_class: int | None) -> torch.Tensor:
+    """Indices of the first ``per_class`` samples of every class (all when None), in order."""
+    if per_class is None:
+        return torch.arange(len(labels))
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    for cls in labels.unique():
+        keep[torch.nonzero(labels == cls).flatten()[:per_class]] = True
+    return torch.nonzero(keep).flatten()

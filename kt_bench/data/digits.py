@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kt_bench.data.augment import random_crop_flip
-from kt_bench.data.bundle import DataBundle, Split, normalise, register_dataset
+from kt_bench.data.bundle import DatasetInfo, Split, TensorData, normalise, register_dataset
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple:
@@ -25,13 +25,17 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) ->
     return np.sort(np.array(train)), np.sort(np.array(test))
 
 
-@register_dataset("digits")
+def _info(image_size: int = 16, test_fraction: float = 0.2) -> DatasetInfo:
+    return DatasetInfo(10, 1, image_size, 1797 - round(1797 * test_fraction))
+
+
+@register_dataset("digits", _info)
 def digits(
     data_root: str | None = None,
     image_size: int = 16,
     test_fraction: float = 0.2,
     augment: bool = True,
-) -> DataBundle:
+) -> TensorData:
     """Handwritten digits, 10 classes, 1 channel, resized to ``image_size``; a fixed 80/20 split.
 
     Augmentation (when on): random shifts of up to 1/8 of the image size; no flips (digits
@@ -49,4 +53,4 @@ def digits(
     train_x, test_x = normalise(images[tr], images[te])
     aug = (functools.partial(random_crop_flip, pad=max(1, image_size // 8), flip=False)
            if augment else None)
-    return DataBundle("digits", Split(train_x, labels[tr]), Split(test_x, labels[te]), 10, aug)
+    return TensorData("digits", Split(train_x, labels[tr]), Split(test_x, labels[te]), 10, aug)

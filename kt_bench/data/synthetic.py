@@ -7,10 +7,15 @@ import functools
 import torch
 
 from kt_bench.data.augment import random_crop_flip
-from kt_bench.data.bundle import DataBundle, Split, register_dataset
+from kt_bench.data.bundle import DatasetInfo, Split, TensorData, register_dataset
 
 
-@register_dataset("synthetic")
+def _info(num_classes: int = 10, n_train: int = 512, image_size: int = 16,
+          channels: int = 3) -> DatasetInfo:
+    return DatasetInfo(num_classes, channels, image_size, n_train)
+
+
+@register_dataset("synthetic", _info)
 def synthetic(
     data_root: str | None = None,
     num_classes: int = 10,
@@ -20,7 +25,7 @@ def synthetic(
     channels: int = 3,
     noise: float = 1.0,
     augment: bool = False,
-) -> DataBundle:
+) -> TensorData:
     """Images = one fixed random template per class + N(0, noise²) pixels; fixed seed."""
     gen = torch.Generator().manual_seed(0)
     templates = torch.randn(num_classes, channels, image_size, image_size, generator=gen)
@@ -31,4 +36,4 @@ def synthetic(
         return Split(templates[labels] + noise_px, labels)
 
     aug = functools.partial(random_crop_flip, pad=2) if augment else None
-    return DataBundle("synthetic", split(n_train), split(n_test), num_classes, aug)
+    return TensorData("synthetic", split(n_train), split(n_test), num_classes, aug)

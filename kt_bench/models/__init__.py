@@ -8,6 +8,7 @@ final activation, where the architecture has one), ``pool`` (pooled features) an
 from kt_bench.models.zoo import MODELS, build_model, count_parameters, register_model
 
 # Importing the zoo modules registers their entries.
-from kt_bench.models import cifar_resnet, torchvision_zoo  # noqa: E402,F401  isort: skip
+from kt_bench.models import (  # noqa: E402,F401  isort: skip
+    cifar_resnet, inception_bn, preact_resnet, torchvision_zoo, vgg, wrn)
 
 __all__ = ["MODELS", "build_model", "count_parameters", "register_model"]

@@ -1,7 +1,8 @@
 """ResNets for 32x32 inputs (He et al. 2016, section 4.2): depth 6n+2, three stages of n blocks.
 
 Shortcuts that change shape are 1x1 convolutions with BatchNorm (option B), as in the CIFAR-100
-distillation benchmark (RepDistiller); ``width`` multiplies every channel count.
+distillation benchmark (RepDistiller); ``width`` multiplies every channel count. ``resnet8x4``
+and ``resnet32x4`` are that benchmark's 4x-wide variants (stem 32, stages 64/128/256).
 """
 
 from __future__ import annotations
@@ -38,15 +39,16 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """A CIFAR ResNet with taps ``stage1..3``, ``feat``, ``feat_pre``, ``pool``, ``logits``."""
 
-    def __init__(self, blocks: int, num_classes: int, in_channels: int = 3, width: float = 1.0):
+    def __init__(self, blocks: int, num_classes: int, in_channels: int = 3, width: float = 1.0,
+                 channels: tuple[int, int, int, int] = (16, 16, 32, 64)):
         super().__init__()
         if blocks < 1 or width <= 0:
             raise ValueError("blocks must be >= 1 and width > 0")
-        chans = [max(1, round(c * width)) for c in (16, 32, 64)]
-        self.conv1 = nn.Conv2d(in_channels, chans[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(chans[0])
+        stem, *chans = [max(1, round(c * width)) for c in channels]
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU()
-        stages, in_ch = [], chans[0]
+        stages, in_ch = [], stem
         for i, ch in enumerate(chans):
             layers = []
             for b in range(blocks):
@@ -75,16 +77,20 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(x))
 
 
-def _register(depth: int) -> None:
+def _register(depth: int, channels: tuple[int, int, int, int], suffix: str = "") -> None:
     blocks = (depth - 2) // 6
 
     def build(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
-        return CifarResNet(blocks, num_classes, in_channels, width)
+        return CifarResNet(blocks, num_classes, in_channels, width, channels)
 
-    build.__doc__ = f"ResNet-{depth} for 32x32 inputs (blocks per stage: {blocks})."
-    build.__qualname__ = f"resnet{depth}"
-    register_model(f"resnet{depth}")(build)
+    name = f"resnet{depth}{suffix}"
+    build.__doc__ = (f"ResNet-{depth}{suffix} for 32x32 inputs (blocks per stage: {blocks}, "
+                     f"channels {'/'.join(map(str, channels))}).")
+    build.__qualname__ = name
+    register_model(name)(build)
 
 
 for _depth in (8, 14, 20, 32, 44, 56, 110):
-    _register(_depth)
+    _register(_depth, (16, 16, 32, 64))
+for _depth in (8, 32):
+    _register(_depth, (32, 64, 128, 256), "x4")
