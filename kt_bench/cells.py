@@ -32,12 +32,24 @@ class Cell:
     recipe: Recipe
     teacher_recipe: Recipe
     precision: str = "no"
+    teacher_checkpoint: str | None = None
+
+    @property
+    def teacher_is_pretrained(self) -> bool:
+        """Whether the teacher is loaded (a checkpoint or torchvision weights), not trained."""
+        return bool(self.teacher_checkpoint) or bool(self.teacher.options.get("weights"))
 
     def teacher_config(self) -> dict[str, Any]:
-        """What determines the teacher: its data, architecture, seed, recipe and precision."""
-        return {"dataset": self.dataset.to_dict(), "model": self.teacher.to_dict(),
-                "seed": self.seed, "recipe": self.teacher_recipe.to_dict(),
-                "precision": self.precision}
+        """What determines the teacher: its data and architecture, and either its checkpoint
+        or its seed, recipe and precision."""
+        config: dict[str, Any] = {"dataset": self.dataset.to_dict(),
+                                  "model": self.teacher.to_dict()}
+        if self.teacher_checkpoint:
+            config["checkpoint"] = self.teacher_checkpoint
+        elif not self.teacher_is_pretrained:
+            config.update(seed=self.seed, recipe=self.teacher_recipe.to_dict(),
+                          precision=self.precision)
+        return config
 
     def config(self) -> dict[str, Any]:
         """The fully resolved config (method options with their defaults filled in)."""
@@ -52,19 +64,44 @@ class Cell:
         return config_hash(self.config())
 
 
-def expand(grid: Grid, precision: str = "no") -> list[Cell]:
-    """The cells of ``grid`` in run order: dataset, pair, seed, then method."""
+def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = None
+           ) -> list[Cell]:
+    """The cells of ``grid`` (of each included grid in turn) in run order: dataset, pair,
+    seed, then method. ``teacher_checkpoint`` replaces every pair's."""
     cells = []
-    for dataset in grid.datasets:
-        for pair in grid.pairs:
-            for seed in grid.seeds:
-                for method in grid.methods:
-                    members = split_method_name(method)
-                    opts = {m: grid.method_options.get(m, {}) for m in members}
-                    described = build_method(method, opts).describe()
-                    if len(members) == 1:
-                        described = {members[0]: described}
-                    cells.append(Cell(grid.name, dataset, pair.teacher, pair.student, method,
-                                      described, seed, grid.recipe, grid.teacher_recipe,
-                                      precision))
+    for leaf in grid.leaves():
+        for dataset in leaf.datasets:
+            for pair in leaf.pairs:
+                for seed in leaf.seeds:
+                    for method in leaf.methods:
+                        members = split_method_name(method)
+                        opts = {m: leaf.method_options.get(m, {}) for m in members}
+                        described = build_method(method, opts).describe()
+                        if len(members) == 1:
+                            described = {members[0]: described}
+                        cells.append(Cell(
+                            grid.name, dataset, pair.teacher, pair.student, method, described,
+                            seed, leaf.recipe, leaf.teacher_recipe, precision,
+                            teacher_checkpoint or pair.teacher_checkpoint))
+    return cells
+
+
+def select(cells: list[Cell], only: list[str]) -> list[Cell]:
+    """The cells matching every ``key=value[,value...]`` filter (keys: dataset, teacher,
+    student, method, seed; a value matches the name or the full label)."""
+    from kt_bench.errors import KtBenchError
+
+    keys = ("dataset", "teacher", "student", "method", "seed")
+    for flt in only:
+        key, sep, values = flt.partition("=")
+        if not sep or key not in keys or not values:
+            raise KtBenchError(f"--only takes key=value with key one of {', '.join(keys)}; "
+                               f"got '{flt}'")
+        wanted = set(values.split(","))
+
+        def value_of(cell: Cell, key: str = key) -> set[str]:
+            v = getattr(cell, key)
+            return {v.name, v.label} if isinstance(v, Spec) else {str(v)}
+
+        cells = [c for c in cells if value_of(c) & wanted]
     return cells

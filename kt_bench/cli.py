@@ -45,22 +45,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.kind == "models":
         from kt_bench.models import MODELS, build_model, count_parameters
 
-        rows = [(n, f"{count_parameters(build_model(n, 10)) / 1e6:.3f}M", _first_line(b))
-                for n, b in MODELS.items()]
-        headers = ["model", "params (10 classes)", "what"]
+        rows = [(n, *(f"{count_parameters(build_model(n, k)) / 1e6:.3f}M" for k in (10, 1000)),
+                 _first_line(b)) for n, b in MODELS.items()]
+        headers = ["model", "params, 10 classes", "1000 classes", "what"]
     elif args.kind == "datasets":
         from kt_bench.data import DATASETS
 
         rows = [(n, _first_line(b)) for n, b in DATASETS.items()]
         headers = ["dataset", "what"]
     else:
+        from kt_bench.cells import expand
         from kt_bench.config import builtin_grids, load_grid
 
-        rows = []
-        for name, path in builtin_grids().items():
-            grid = load_grid(str(path))
-            rows.append((name, len(grid.datasets) * len(grid.pairs) * len(grid.methods)
-                         * len(grid.seeds), grid.description))
+        rows = [(name, len(expand(grid)), grid.description)
+                for name, grid in ((n, load_grid(str(p))) for n, p in builtin_grids().items())]
         headers = ["grid", "cells", "what"]
     print(tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True))
     return 0
@@ -87,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
     from tqdm.auto import tqdm
 
-    from kt_bench.cells import expand
+    from kt_bench.cells import expand, select
     from kt_bench.config import load_grid
     from kt_bench.engine import make_accelerator
     from kt_bench.plugins import load_plugins
@@ -96,14 +94,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     load_plugins(args.plugins)
     grid = _apply_overrides(load_grid(args.grid), args)
-    cells = expand(grid, args.precision)
+    cells = select(expand(grid, args.precision, args.teacher_checkpoint), args.only)
     out = Path(args.out) if args.out else Path("results") / grid.name
     if args.dry_run:
+        from kt_bench.cost import ASSUMED_FLOPS, cell_flops, grid_gpu_hours
+
         rows = [(c.cell_id, c.dataset.label, c.teacher.label, c.student.label, c.method, c.seed,
-                 c.recipe.epochs) for c in cells]
+                 c.recipe.epochs, f"{cell_flops(c) / ASSUMED_FLOPS / 3600:.2f}") for c in cells]
         print(tabulate(rows, headers=["cell", "dataset", "teacher", "student", "method", "seed",
-                                      "epochs"], tablefmt="simple", disable_numparse=True))
+                                      "epochs", "GPU-h"], tablefmt="simple",
+                       disable_numparse=True))
+        students, teachers = grid_gpu_hours(cells)
         print(f"{len(cells)} cells; results would go to {out}")
+        print(f"estimate: {students + teachers:.1f} GPU-hours ({students:.1f} students, "
+              f"{teachers:.1f} teachers) at an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s "
+              "sustained per GPU (a rough guide, not a measurement)")
         return 0
     accelerator = make_accelerator(args.device, args.precision)
     teacher_cache = Path(args.teacher_cache) if args.teacher_cache else out / "teachers"
@@ -175,7 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--precision", default="no", help="no, bf16 or fp16 (default no)")
     p_run.add_argument("--teacher-cache", help="teacher cache folder (default: <out>/teachers)")
     p_run.add_argument("--data-root", help="where datasets are stored or downloaded")
-    p_run.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    p_run.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                       help="run a slice: dataset=, teacher=, student=, method= or seed= "
+                            "(comma-separated values; repeatable, all must match)")
+    p_run.add_argument("--teacher-checkpoint", metavar="PATH",
+                       help="load the teacher from this checkpoint instead of training it")
+    p_run.add_argument("--dry-run", action="store_true",
+                       help="list the cells with a GPU-hour estimate and stop")
     plugins_arg(p_run)
     p_run.set_defaults(func=cmd_run)
 

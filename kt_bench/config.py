@@ -20,6 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from kt_bench.errors import ConfigError, KtBenchError
+from kt_bench.registry import Registry
 from kt_bench.spec import Spec
 
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -139,10 +140,11 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Pair:
-    """A teacher and the student it teaches."""
+    """A teacher and the student it teaches; ``teacher_checkpoint`` loads a trained teacher."""
 
     teacher: Spec
     student: Spec
+    teacher_checkpoint: str | None = None
 
 
 @dataclass
@@ -159,6 +161,14 @@ class Grid:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     description: str = ""
     source: str = "<memory>"
+    #: The grids this one is the union of (``include``); empty for a grid of its own cells.
+    parts: list[Grid] = field(default_factory=list)
+
+    def leaves(self) -> list[Grid]:
+        """The grids that hold cells: this one, or its included grids (recursively)."""
+        if not self.parts:
+            return [self]
+        return [leaf for part in self.parts for leaf in part.leaves()]
 
     def validate(self) -> Grid:
         """Check every name against the registries and every option against its builder."""
@@ -185,6 +195,8 @@ class Grid:
 
 GRID_KEYS = ("name", "description", "datasets", "pairs", "methods", "seeds", "recipe",
              "teacher_recipe", "method_options")
+COMPOSITE_KEYS = ("name", "description", "include")
+PAIR_KEYS = ("teacher", "student", "teacher_checkpoint")
 
 
 def _list_of(table: Mapping, key: str, where: str, kind: type) -> list:
@@ -199,8 +211,41 @@ def _list_of(table: Mapping, key: str, where: str, kind: type) -> list:
     return value
 
 
-def grid_from_table(table: Mapping[str, Any], source: str) -> Grid:
+def _composite(table: Mapping[str, Any], source: str, seen: tuple[str, ...]) -> Grid:
+    for key in table:
+        if key not in COMPOSITE_KEYS:
+            raise ConfigError(f"{source}: unknown key '{key}' in a grid with 'include'; "
+                              f"accepted: {', '.join(COMPOSITE_KEYS)}")
+    names = _list_of(table, "include", source, str)
+    if not isinstance(table.get("name"), str) or not table["name"]:
+        raise ConfigError(f"{source}: key 'name' must be a non-empty string")
+    parts = []
+    for name in names:
+        path = Path(source).parent / name
+        target = str(path) if name.endswith(".toml") else name
+        if target in seen:
+            raise ConfigError(f"{source}: include '{name}' forms a cycle")
+        parts.append(load_grid(target, seen + (target,)))
+    return Grid(name=table["name"], description=str(table.get("description", "")),
+                datasets=[], pairs=[], methods=[], source=source, parts=parts)
+
+
+def _pair(p: Any, where: str) -> Pair:
+    keys = set(p) if isinstance(p, Mapping) else set()
+    if not {"teacher", "student"} <= keys or keys - set(PAIR_KEYS):
+        raise ConfigError(f"{where} must be a table with the keys teacher and student "
+                          "(and optionally teacher_checkpoint)")
+    ckpt = p.get("teacher_checkpoint")
+    if ckpt is not None and not isinstance(ckpt, str):
+        raise ConfigError(f"{where}.teacher_checkpoint must be a path string")
+    return Pair(Spec.parse(p["teacher"], f"{where}.teacher"),
+                Spec.parse(p["student"], f"{where}.student"), ckpt)
+
+
+def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...] = ()) -> Grid:
     """Build and validate a Grid from a parsed TOML table read from ``source``."""
+    if "include" in table:
+        return _composite(table, source, seen)
     for key in table:
         if key not in GRID_KEYS:
             raise ConfigError(f"{source}: unknown key '{key}'; accepted: {', '.join(GRID_KEYS)}")
@@ -211,13 +256,8 @@ def grid_from_table(table: Mapping[str, Any], source: str) -> Grid:
         raise ConfigError(f"{source}: key 'name' must be a non-empty string")
     datasets = [Spec.parse(d, f"{source}: datasets")
                 for d in _list_of(table, "datasets", source, object)]
-    pairs = []
-    for i, p in enumerate(_list_of(table, "pairs", source, object)):
-        where = f"{source}: pairs[{i}]"
-        if not isinstance(p, Mapping) or set(p) != {"teacher", "student"}:
-            raise ConfigError(f"{where} must be a table with exactly the keys teacher and student")
-        pairs.append(Pair(Spec.parse(p["teacher"], f"{where}.teacher"),
-                          Spec.parse(p["student"], f"{where}.student")))
+    pairs = [_pair(p, f"{source}: pairs[{i}]")
+             for i, p in enumerate(_list_of(table, "pairs", source, object))]
     recipe = dataclass_from_table(Recipe, table.get("recipe", {}), f"{source}: recipe")
     recipe.validate(f"{source}: recipe")
     teacher_recipe = dataclass_from_table(Recipe, table.get("teacher_recipe", {}),
@@ -241,20 +281,21 @@ def grid_from_table(table: Mapping[str, Any], source: str) -> Grid:
     ).validate()
 
 
-def builtin_grids() -> dict[str, Path]:
-    """Names of the grids shipped in ``kt_bench/grids`` mapped to their files."""
-    folder = Path(__file__).parent / "grids"
-    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+def builtin_grids() -> Registry[Path]:
+    """The grids shipped in ``kt_bench/grids``: name -> file."""
+    grids: Registry[Path] = Registry("grid")
+    for path in (Path(__file__).parent / "grids").glob("*.toml"):
+        grids.register(path.stem, path, origin=str(path))
+    return grids
 
 
-def load_grid(name_or_path: str) -> Grid:
+def load_grid(name_or_path: str, seen: tuple[str, ...] = ()) -> Grid:
     """A built-in grid by name, or a grid file by path (``*.toml``)."""
     path = Path(name_or_path)
     if name_or_path.endswith(".toml") or path.is_file():
-        return grid_from_table(read_toml(path), str(path))
-    grids = builtin_grids()
-    if name_or_path not in grids:
-        raise ConfigError(
-            f"unknown grid '{name_or_path}'; known: {', '.join(grids)} (or a path to a .toml file)"
-        )
-    return grid_from_table(read_toml(grids[name_or_path]), str(grids[name_or_path]))
+        return grid_from_table(read_toml(path), str(path), seen)
+    try:
+        path = builtin_grids().get(name_or_path)
+    except KtBenchError as exc:
+        raise ConfigError(f"{exc}; or a path to a .toml file") from None
+    return grid_from_table(read_toml(path), str(path), seen)

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import pandas as pd
 from tabulate import tabulate
 
 BASELINE = "student"
+KEYS = ["dataset", "teacher", "student", "method"]
+
+
+def load_reference() -> pd.DataFrame:
+    """Every published reference row (``results/reference/*.csv``, shipped with the package)."""
+    folder = resources.files("kt_bench.reference")
+    frames = [pd.read_csv(f.open()) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+              if f.name.endswith(".csv")]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEYS)
 
 
 def _mean_std(values: pd.Series) -> str:
@@ -17,11 +28,27 @@ def _mean_std(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
-def summarise(rows: pd.DataFrame, method_order: list[str] | None = None) -> pd.DataFrame:
+def _published(reference: pd.DataFrame | None, key: tuple, column: str) -> str:
+    if reference is None or reference.empty:
+        return ""
+    match = reference
+    for name, value in zip(KEYS, key, strict=True):
+        match = match[match[name] == value]
+    values = match[column].dropna() if column in match else match.iloc[0:0]
+    if not match.empty and values.empty:
+        return "n/a"  # a published row exists, its figure could not be read
+    return f"{values.iloc[0]:.2f}" if not values.empty else ""
+
+
+def summarise(rows: pd.DataFrame, method_order: list[str] | None = None,
+              reference: pd.DataFrame | None = None) -> pd.DataFrame:
     """One line per (dataset, teacher, student, method): mean ± std over seeds of top-1 (last
     epoch), top-1 (best epoch), top-5, the change of mean top-1 against the ``student`` baseline,
-    and mean wall time; failed and diverged cells are counted, not averaged."""
-    keys = ["dataset", "teacher", "student", "method"]
+    and mean wall time; failed and diverged cells are counted, not averaged. With
+    ``reference`` rows, the published top-1 of the same cell (and of its teacher) beside."""
+    keys = KEYS
+    needed = ["top1", "top1_best", "top5", "teacher_top1", "wall_s", "status"]
+    rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *needed])))
     ok = rows[rows["status"] == "ok"]
     out = []
     for key, group in rows.groupby(keys, sort=False):
@@ -39,6 +66,8 @@ def summarise(rows: pd.DataFrame, method_order: list[str] | None = None) -> pd.D
             "Δ top1 vs student": delta,
             "teacher top1": _mean_std(group["teacher_top1"].astype(float)),
             "wall s": f"{good['wall_s'].mean():.1f}" if not good.empty else "-",
+            "published top1": _published(reference, key, "top1"),
+            "published teacher top1": _published(reference, key, "teacher_top1"),
             "not ok": ", ".join(f"{s} ({n})" for s, n in bad["status"].value_counts().items()),
         })
     table = pd.DataFrame(out)
@@ -51,11 +80,13 @@ def summarise(rows: pd.DataFrame, method_order: list[str] | None = None) -> pd.D
 
 
 def comparison_table(rows: pd.DataFrame, method_order: list[str] | None = None,
-                     fmt: str = "github") -> str:
-    """The comparison table of ``rows`` as text (a tabulate format, Markdown by default)."""
-    table = summarise(rows, method_order)
+                     fmt: str = "github", reference: pd.DataFrame | None = None) -> str:
+    """The comparison table of ``rows`` as text (a tabulate format, Markdown by default);
+    columns that are empty everywhere (no published numbers, no failures) are left out."""
+    table = summarise(rows, method_order, load_reference() if reference is None else reference)
     if table.empty:
         return "(no results)"
-    if not (table["not ok"] != "").any():
-        table = table.drop(columns="not ok")
+    for col in ("published top1", "published teacher top1", "not ok"):
+        if not (table[col] != "").any():
+            table = table.drop(columns=col)
     return tabulate(table, headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)

@@ -11,7 +11,8 @@ from torch import nn
 from kt_bench import atomic
 from kt_bench.cells import Cell, config_hash
 from kt_bench.data.bundle import DataBundle
-from kt_bench.engine import train
+from kt_bench.engine import evaluate, train
+from kt_bench.errors import KtBenchError
 from kt_bench.method import build_method
 from kt_bench.models import build_model
 
@@ -21,16 +22,50 @@ def teacher_path(cache_dir: Path, cell: Cell) -> Path:
     return cache_dir / f"{cell.teacher.name}-{config_hash(cell.teacher_config())}.pt"
 
 
+def load_state(model: nn.Module, checkpoint: str) -> None:
+    """Load a user's checkpoint into ``model``: a state dict, or a dict holding one under
+    ``model``, ``state_dict`` or ``net``; a mismatch is a one-line error."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise KtBenchError(f"teacher checkpoint {checkpoint} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - a broken file is one line
+        raise KtBenchError(f"teacher checkpoint {checkpoint} cannot be read: {exc}") from None
+    for key in ("model", "state_dict", "net"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        # torch lists the problems on the lines after a heading; the first one says enough
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        detail = (lines[0] if lines else str(exc))[:300]
+        raise KtBenchError(f"teacher checkpoint {checkpoint} does not fit the teacher "
+                           f"architecture: {detail}") from None
+
+
 def get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
                 cache_dir: Path) -> tuple[nn.Module, dict]:
-    """The teacher of ``cell`` and its test metrics: loaded from the cache, or trained (with
-    the ``student`` baseline method and the teacher recipe) and cached."""
+    """The teacher of ``cell`` and its test metrics: from the cache; else loaded (a
+    checkpoint, or torchvision weights) and evaluated; else trained (with the ``student``
+    baseline method and the teacher recipe); then cached."""
     path = teacher_path(cache_dir, cell)
     model = build_model(cell.teacher, data.num_classes, data.in_channels)
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         return model.eval(), state["metrics"]
+    if cell.teacher_is_pretrained:
+        if cell.teacher_checkpoint:
+            load_state(model, cell.teacher_checkpoint)
+        model = model.to(accelerator.device)
+        metrics = evaluate(accelerator, model, data, cell.teacher_recipe.eval_batch_size)
+        if accelerator.is_main_process:
+            atomic.torch_save(path, {"model": model.state_dict(), "metrics": metrics,
+                                     "config": cell.teacher_config()})
+        return model.eval(), metrics
     ckpt = path.with_suffix(".ckpt")
     result = train(data, cell.teacher, build_method("student"), cell.teacher_recipe, cell.seed,
                    accelerator, checkpoint=ckpt, desc=f"teacher {cell.teacher.label}")

@@ -42,7 +42,8 @@ def _edit(path, old, new):
      "unknown dataset 'mnist'; known: cifar10, cifar100, digits, imagenet, synthetic"),
     ("width = 0.25", "depth = 2", "unknown option 'depth' for model 'resnet8'; accepted: width"),
     ('name = "tiny"', 'name = "tiny', "invalid TOML"),
-    ("[[pairs]]\nteacher", "[[pairs]]\nmentor", "pairs[0] must be a table with exactly the keys"),
+    ("[[pairs]]\nteacher", "[[pairs]]\nmentor",
+     "pairs[0] must be a table with the keys teacher and student"),
 ])
 def test_malformed_grid_is_a_one_line_error_naming_file_and_key(tmp_path, old, new, message):
     path = _edit(write_tiny_grid(tmp_path), old, new)
@@ -53,7 +54,9 @@ def test_malformed_grid_is_a_one_line_error_naming_file_and_key(tmp_path, old, n
 
 
 def test_unknown_grid_lists_the_builtin_ones():
-    with pytest.raises(ConfigError, match="unknown grid 'demoo'; known: demo"):
+    with pytest.raises(ConfigError, match=r"unknown grid 'demoo' \(did you mean 'demo'\?\); "
+                                          r"known: crd-cifar100, demo, paper, paper-cifar, "
+                                          r"paper-imagenet, paper-mini; or a path to a \.toml"):
         load_grid("demoo")
 
 
@@ -73,3 +76,20 @@ def test_unknown_name_errors_keep_their_type(tmp_path):
     path = _edit(write_tiny_grid(tmp_path), '"kd"]', '"nope"]')
     with pytest.raises(UnknownNameError):
         load_grid(path)
+
+
+def test_composite_grid_includes_others_and_rejects_cycles(tmp_path):
+    from kt_bench.cells import expand
+
+    write_tiny_grid(tmp_path)
+    (tmp_path / "both.toml").write_text('name = "both"\ninclude = ["tiny.toml", "demo"]\n')
+    grid = load_grid(str(tmp_path / "both.toml"))
+    cells = expand(grid)
+    assert len(cells) == 2 + 8 and {c.grid for c in cells} == {"both"}
+    assert {c.recipe.epochs for c in cells} == {2, 12}  # each part keeps its own recipe
+    (tmp_path / "loop.toml").write_text('name = "loop"\ninclude = ["loop.toml"]\n')
+    with pytest.raises(ConfigError, match="include 'loop.toml' forms a cycle"):
+        load_grid(str(tmp_path / "loop.toml"))
+    (tmp_path / "bad.toml").write_text('name = "bad"\ninclude = ["demo"]\nseeds = [1]\n')
+    with pytest.raises(ConfigError, match="unknown key 'seeds' in a grid with 'include'"):
+        load_grid(str(tmp_path / "bad.toml"))

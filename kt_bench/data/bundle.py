@@ -161,12 +161,31 @@ class TensorData(DataBundle):
         return x
 
 
+class SeededSamples(torch.utils.data.Dataset):
+    """A view of ``dataset`` indexed by (index, seed): each sample's random transforms draw
+    from a CPU generator state seeded with its own seed, so augmentation depends on the seed
+    alone, not on worker processes or on what ran before."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 @dataclass
 class LoaderData(DataBundle):
     """A dataset streamed from disk through a DataLoader (e.g. an ImageNet folder tree).
 
-    The transforms of ``train`` and ``test`` produce normalised tensors; worker randomness is
-    seeded from (seed, epoch), so a fixed number of ``workers`` gives a repeatable epoch.
+    The transforms of ``train`` and ``test`` produce normalised tensors; each training
+    sample's augmentation is seeded from (seed, epoch, index), so an epoch repeats exactly
+    whatever the number of ``workers``.
     """
 
     name: str
@@ -183,23 +202,24 @@ class LoaderData(DataBundle):
     def n_test(self) -> int:  # type: ignore[override]
         return len(self.test)
 
-    def _loader(self, dataset, batches: list[list[int]], seed: int, device: torch.device):
-        return torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=self.workers,
-            generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+    def _loader(self, dataset, batches: list[list[tuple[int, int]]], device: torch.device):
+        return torch.utils.data.DataLoader(SeededSamples(dataset), batch_sampler=batches,
+                                           num_workers=self.workers,
+                                           pin_memory=device.type == "cuda")
 
     def train_batches(self, epoch, seed, batch_size, device, rank=0, world=1):
         """Batches of one epoch loaded by worker processes."""
-        batches = [b.tolist() for b in epoch_batches(self.n_train, batch_size, seed, epoch,
-                                                     rank, world)]
-        for x, y in self._loader(self.train, batches, derived_seed(seed, 3, epoch), device):
+        base = derived_seed(seed, 3, epoch)
+        batches = [[(i, derived_seed(base, i)) for i in b.tolist()]
+                   for b in epoch_batches(self.n_train, batch_size, seed, epoch, rank, world)]
+        for x, y in self._loader(self.train, batches, device):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def test_batches(self, batch_size, device, rank=0, world=1):
         """The test split in order, every ``world``-th sample for process ``rank``."""
-        idx = list(range(self.n_test))[rank::world]
+        idx = [(i, 0) for i in range(self.n_test)][rank::world]
         batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-        for x, y in self._loader(self.test, batches, 0, device):
+        for x, y in self._loader(self.test, batches, device):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def probe(self, n: int = 2) -> torch.Tensor:

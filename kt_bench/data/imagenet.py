@@ -12,18 +12,20 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def _info(image_size: int = 224, num_classes: int = 1000,
+def _info(image_size: int = 224, classes: int | None = None,
           per_class: int | None = None) -> DatasetInfo:
-    return DatasetInfo(num_classes, 3, image_size, num_classes * (per_class or 1281))
+    n = classes or 1000
+    return DatasetInfo(n, 3, image_size, n * (per_class or 1281))
 
 
-def _subset(folder, per_class: int | None):
-    if per_class is None:
+def _subset(folder, classes: int | None, per_class: int | None):
+    """The samples of the first ``classes`` classes, at most ``per_class`` of each."""
+    if classes is None and per_class is None:
         return folder
     seen: dict[int, int] = {}
     keep = []
     for i, (_, label) in enumerate(folder.samples):
-        if seen.get(label, 0) < per_class:
+        if (classes is None or label < classes) and seen.get(label, 0) < (per_class or 10**9):
             seen[label] = seen.get(label, 0) + 1
             keep.append(i)
     return torch.utils.data.Subset(folder, keep)
@@ -31,7 +33,7 @@ def _subset(folder, per_class: int | None):
 
 @register_dataset("imagenet", _info)
 def imagenet(data_root: str | None = None, image_size: int = 224, resize: int = 256,
-             num_classes: int = 1000, per_class: int | None = None,
+             classes: int | None = None, per_class: int | None = None,
              workers: int = 8) -> LoaderData:
     """ILSVRC-2012 (or any ImageFolder tree of the same layout), streamed with workers.
 
@@ -39,7 +41,8 @@ def imagenet(data_root: str | None = None, image_size: int = 224, resize: int = 
     CenterCrop(image_size); both normalised with the usual ImageNet mean and std (the NST
     authors put a BatchNorm layer first instead; the usual normalisation is used here).
     ImageNet cannot be downloaded: place it as ``<data-root>/imagenet/train/<class>/*.JPEG``
-    and ``<data-root>/imagenet/val/<class>/*.JPEG``.
+    and ``<data-root>/imagenet/val/<class>/*.JPEG``. ``classes`` keeps the first N classes
+    (sorted by folder name) and ``per_class`` the first N training images of each.
     """
     import torchvision
     from torchvision import transforms as T
@@ -56,8 +59,12 @@ def imagenet(data_root: str | None = None, image_size: int = 224, resize: int = 
         T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm]))
     test = torchvision.datasets.ImageFolder(
         str(root / "val"), T.Compose([T.Resize(resize), T.CenterCrop(image_size), *norm]))
-    if len(train.classes) != num_classes:
-        raise KtBenchError(f"{root / 'train'} has {len(train.classes)} classes, the dataset "
-                           f"options say num_classes = {num_classes}")
-    return LoaderData("imagenet", _subset(train, per_class), test, num_classes, workers)
+    if train.classes != test.classes:
+        raise KtBenchError(f"{root / 'train'} and {root / 'val'} hold different classes")
+    n = len(train.classes)
+    if classes is not None and not 1 <= classes <= n:
+        raise KtBenchError(f"imagenet: classes = {classes}, but {root / 'train'} has {n}")
+    num_classes = classes or n
+    return LoaderData("imagenet", _subset(train, classes, per_class),
+                      _subset(test, classes, None), num_classes, workers)
 

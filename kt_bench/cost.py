@@ -1,0 +1,84 @@
+"""Rough compute estimates for a grid, from the networks' multiply-adds (for ``--dry-run``)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+from torch import nn
+
+from kt_bench.cells import Cell, config_hash
+from kt_bench.data import dataset_info
+from kt_bench.method import build_method
+from kt_bench.models import build_model
+from kt_bench.spec import Spec
+
+#: Assumed sustained throughput of one GPU on these networks (FLOP/s); a rough figure for
+#: mixed-precision training of convolutional networks, not a measurement.
+ASSUMED_FLOPS = 20e12
+
+
+def forward_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-adds of convolutions and linear layers in one forward pass of one sample."""
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, _inp, out):
+        nonlocal total
+        k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+        total += out.numel() * k
+
+    def linear_hook(m: nn.Linear, _inp, out):
+        nonlocal total
+        total += out.numel() * m.in_features
+
+    handles = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *shape))
+    for h in handles:
+        h.remove()
+    return total
+
+
+@functools.cache
+def _model_macs(spec_json: str, name: str, num_classes: int, channels: int, size: int) -> int:
+    options = json.loads(spec_json)
+    options.pop("weights", None)  # counting needs no download
+    model = build_model(Spec(name, options), num_classes, channels)
+    return forward_macs(model, (channels, size, size))
+
+
+def model_macs(spec: Spec, dataset: Spec) -> int:
+    """Forward multiply-adds of ``spec`` on one image of ``dataset``."""
+    info = dataset_info(dataset)
+    return _model_macs(json.dumps(dict(spec.options), sort_keys=True), spec.name,
+                       info.num_classes, info.in_channels, info.image_size)
+
+
+def cell_flops(cell: Cell) -> float:
+    """Training FLOPs of one cell: student forward + backward (3x forward) and, where the
+    method needs one, the teacher's forward, for every training image of every epoch."""
+    info = dataset_info(cell.dataset)
+    per_image = 3 * model_macs(cell.student, cell.dataset)
+    if build_method(cell.method, cell.method_config).needs_teacher:
+        per_image += model_macs(cell.teacher, cell.dataset)
+    return 2.0 * per_image * info.n_train * cell.recipe.epochs
+
+
+def teacher_flops(cell: Cell) -> float:
+    """Training FLOPs of the cell's teacher (zero for a loaded teacher)."""
+    if cell.teacher_is_pretrained:
+        return 0.0
+    info = dataset_info(cell.dataset)
+    macs = model_macs(cell.teacher, cell.dataset)
+    return 2.0 * 3 * macs * info.n_train * cell.teacher_recipe.epochs
+
+
+def grid_gpu_hours(cells: list[Cell]) -> tuple[float, float]:
+    """(students' GPU-hours, teachers' GPU-hours) at :data:`ASSUMED_FLOPS`, each distinct
+    teacher counted once."""
+    students = sum(cell_flops(c) for c in cells)
+    teachers = {config_hash(c.teacher_config()): teacher_flops(c) for c in cells}
+    return students / ASSUMED_FLOPS / 3600, sum(teachers.values()) / ASSUMED_FLOPS / 3600

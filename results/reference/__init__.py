@@ -1,0 +1,1 @@
+"""Published reference numbers (CSV), installed as ``kt_bench.reference`` package data."""

@@ -1,0 +1,161 @@
+"""The paper's datasets through torchvision's real loaders, its grids, and paper-mini."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+from kt_bench.cli import main
+from kt_bench.data import LoaderData, TensorData, load_dataset
+from kt_bench.errors import KtBenchError
+from kt_bench.report import load_reference, summarise
+from kt_bench.spec import Spec
+
+from .fixtures import write_cifar10, write_cifar100, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_cifar10(root, per_class_train=20, per_class_test=10)
+    write_cifar100(root, per_class_train=3, per_class_test=2)
+    write_image_folder(root, classes=12, train_per_class=4, val_per_class=2)
+    return root
+
+
+def test_cifar10_loader_reads_the_python_pickles(data_root):
+    import pickle
+
+    data = load_dataset(Spec("cifar10", {"download": False}), str(data_root))
+    assert isinstance(data, TensorData)
+    assert data.train.images.shape == (200, 3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert data.n_test == 100 and data.num_classes == 10
+    # channel-major rows: the first 1024 bytes are the red plane of the first image
+    with open(data_root / "cifar-10-batches-py" / "data_batch_1", "rb") as fh:
+        first = pickle.load(fh)
+    red = torch.tensor(first["data"][0][:1024]).view(32, 32)
+    assert torch.equal(data.train.images[0, 0], red)
+    assert data.train.labels[0].item() == first["labels"][0]
+    x, y = next(data.train_batches(0, 0, 16, torch.device("cpu")))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+    assert abs(x.mean().item()) < 0.5  # normalised with the training split's statistics
+
+
+def test_cifar_per_class_keeps_the_first_images_of_each_class(data_root):
+    data = load_dataset(Spec("cifar10", {"download": False, "per_class": 3}), str(data_root))
+    assert torch.bincount(data.train.labels).tolist() == [3] * 10
+    assert data.n_test == 100  # the test split stays whole
+
+
+def test_cifar100_loader_uses_fine_labels(data_root):
+    data = load_dataset(Spec("cifar100", {"download": False}), str(data_root))
+    assert data.num_classes == 100 and data.n_train == 300
+    assert int(data.train.labels.max()) == 99
+
+
+def test_missing_cifar_without_download_is_one_line(tmp_path):
+    with pytest.raises(KtBenchError) as exc:
+        load_dataset(Spec("cifar10", {"download": False}), str(tmp_path))
+    msg = str(exc.value)
+    assert msg.startswith(f"CIFAR-10 is not in {tmp_path}") and "\n" not in msg
+
+
+def test_imagenet_folder_loader_streams_transformed_batches(data_root):
+    spec = Spec("imagenet", {"classes": 10, "per_class": 3, "image_size": 32, "resize": 36,
+                             "workers": 0})
+    data = load_dataset(spec, str(data_root))
+    assert isinstance(data, LoaderData)
+    assert data.num_classes == 10 and data.n_train == 30 and data.n_test == 20
+    batches = list(data.train_batches(0, 0, 8, torch.device("cpu")))
+    assert [tuple(x.shape) for x, _ in batches[:1]] == [(8, 3, 32, 32)]
+    assert int(max(y.max() for _, y in batches)) <= 9
+    again = list(data.train_batches(0, 0, 8, torch.device("cpu")))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
+    assert sum(len(y) for _, y in data.test_batches(7, torch.device("cpu"))) == 20
+
+
+def test_missing_imagenet_folder_is_one_line(tmp_path):
+    with pytest.raises(KtBenchError, match="ImageNet is not at .*imagenet/train; ImageNet "
+                                           "cannot be downloaded"):
+        load_dataset("imagenet", str(tmp_path))
+
+
+def test_paper_mini_runs_end_to_end_on_the_real_formats(data_root, tmp_path, capsys):
+    out = tmp_path / "mini"
+    code = main(["run", "--grid", "paper-mini", "--data-root", str(data_root), "--out", str(out),
+                 "--epochs", "1"])
+    assert code == 0
+    rows = pd.read_csv(out / "results.csv")
+    assert len(rows) == 33 and set(rows["status"]) == {"ok"}
+    assert set(rows["dataset"]) == {"cifar10(per_class=300)", "cifar100(per_class=30)",
+                                    "imagenet(classes=10,image_size=32,per_class=30,resize=36,"
+                                    "workers=0)"}
+    assert rows.groupby("dataset")["teacher_top1"].nunique().eq(1).all()
+    assert "kd+nst_gauss" in capsys.readouterr().out
+
+
+def test_crd_dry_run_lists_seven_pairs_times_five_methods(capsys):
+    assert main(["run", "--grid", "crd-cifar100", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "35 cells" in out and re.search(r"estimate: [0-9.]+ GPU-hours", out)
+    pairs = set(re.findall(r"cifar100\s+(\S+)\s+(\S+)\s+(?:student|kd|fitnet|at|nst_poly)\s", out))
+    assert pairs == {("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"),
+                     ("resnet56", "resnet20"), ("resnet110", "resnet20"),
+                     ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")}
+
+
+def test_paper_dry_run_lists_cifar_and_imagenet_cells_and_a_slice(capsys):
+    assert main(["run", "--grid", "paper", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "28 cells" in out
+    for ds in ("cifar10 ", "cifar100 ", "imagenet "):
+        assert ds in out
+    assert len(re.findall(r"preact_resnet1001\s+inception_bn_cifar\s+kd\+nst_poly", out)) == 2
+    assert main(["run", "--grid", "paper", "--dry-run", "--only", "dataset=cifar10"]) == 0
+    assert "11 cells" in capsys.readouterr().out
+    assert main(["run", "--grid", "paper", "--dry-run", "--only", "colour=red"]) == 2
+    assert "--only takes key=value" in capsys.readouterr().err
+
+
+def test_teacher_from_a_checkpoint_is_evaluated_not_trained(tmp_path, capsys):
+    from kt_bench.models import build_model
+
+    from .conftest import write_tiny_grid
+
+    torch.manual_seed(0)
+    teacher = build_model(Spec("resnet8", {"width": 0.5}), num_classes=10)
+    ckpt = tmp_path / "teacher.pt"
+    torch.save({"state_dict": teacher.state_dict()}, ckpt)
+    grid = write_tiny_grid(tmp_path, methods=("kd",))
+    out = tmp_path / "out"
+    assert main(["run", "--grid", str(grid), "--out", str(out),
+                 "--teacher-checkpoint", str(ckpt)]) == 0
+    assert not list((out / "teachers").glob("*.ckpt"))  # nothing was trained
+    assert len(list((out / "teachers").glob("*.pt"))) == 1
+    bad = tmp_path / "bad.pt"
+    torch.save({"fc.weight": torch.zeros(1)}, bad)
+    assert main(["run", "--grid", str(grid), "--out", str(tmp_path / "o2"),
+                 "--teacher-checkpoint", str(bad)]) == 1
+    row = pd.read_csv(tmp_path / "o2" / "results.csv").iloc[0]
+    assert row["status"] == "failed"
+    assert row["error"].startswith(f"teacher checkpoint {bad} does not fit the teacher")
+
+
+def test_reference_rows_and_the_published_column():
+    ref = load_reference()
+    crd = ref[ref["grid"] == "crd-cifar100"]
+    assert len(crd) == 35
+    row = crd[(crd["student"] == "resnet8x4") & (crd["method"] == "kd")].iloc[0]
+    assert row["top1"] == 73.33 and row["teacher_top1"] == 79.42
+    paper = ref[ref["grid"] == "paper-cifar"]
+    assert paper["top1"].isna().all()  # not readable here: left empty, never guessed
+    measured = pd.DataFrame([{"dataset": "cifar100", "teacher": "resnet32x4",
+                              "student": "resnet8x4", "method": "kd", "top1": 72.0,
+                              "top1_best": 72.5, "top5": 90.0, "teacher_top1": 79.0,
+                              "wall_s": 1.0, "status": "ok"}])
+    table = summarise(measured, reference=ref)
+    assert table.loc[0, "published top1"] == "73.33"
+    assert table.loc[0, "published teacher top1"] == "79.42"
