@@ -33,6 +33,8 @@ class Cell:
     teacher_recipe: Recipe
     precision: str = "no"
     teacher_checkpoint: str | None = None
+    #: The values of the grid's swept parameters in this cell (``"kd.T": 4.0``).
+    params: tuple[tuple[str, Any], ...] = ()
 
     @property
     def teacher_is_pretrained(self) -> bool:
@@ -74,16 +76,34 @@ def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = N
             for pair in leaf.pairs:
                 for seed in leaf.seeds:
                     for method in leaf.methods:
-                        members = split_method_name(method)
-                        opts = {m: leaf.method_options.get(m, {}) for m in members}
-                        described = build_method(method, opts).describe()
-                        if len(members) == 1:
-                            described = {members[0]: described}
-                        cells.append(Cell(
-                            grid.name, dataset, pair.teacher, pair.student, method, described,
-                            seed, leaf.recipe, leaf.teacher_recipe, precision,
-                            teacher_checkpoint or pair.teacher_checkpoint))
+                        for params in _sweep_points(leaf, split_method_name(method)):
+                            cells.append(_cell(grid.name, leaf, dataset, pair, seed, method,
+                                               params, precision, teacher_checkpoint))
     return cells
+
+
+def _sweep_points(grid: Grid, members: list[str]) -> list[dict[str, Any]]:
+    """Every combination of the sweep axes that touch one of ``members``."""
+    axes = [(k, v) for k, v in grid.sweep.items() if k.partition(".")[0] in members]
+    points: list[dict[str, Any]] = [{}]
+    for key, values in axes:
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def _cell(name: str, leaf: Grid, dataset: Spec, pair, seed: int, method: str,
+          params: dict[str, Any], precision: str, teacher_checkpoint: str | None) -> Cell:
+    members = split_method_name(method)
+    opts = {m: dict(leaf.method_options.get(m, {})) for m in members}
+    for key, value in params.items():
+        member, _, option = key.partition(".")
+        opts[member][option] = value
+    described = build_method(method, opts).describe()
+    if len(members) == 1:
+        described = {members[0]: described}
+    return Cell(name, dataset, pair.teacher, pair.student, method, described, seed,
+                leaf.recipe, leaf.teacher_recipe, precision,
+                teacher_checkpoint or pair.teacher_checkpoint, tuple(sorted(params.items())))
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:

@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kt_bench.engine import make_accelerator
     from kt_bench.plugins import load_plugins
     from kt_bench.report import comparison_table
+    from kt_bench.report_writer import write_report
     from kt_bench.runner import run_cells
 
     load_plugins(args.plugins)
@@ -110,7 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{teachers:.1f} teachers) at an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s "
               "sustained per GPU (a rough guide, not a measurement)")
         return 0
-    accelerator = make_accelerator(args.device, args.precision)
+    log_with = None if args.log_with in (None, "none") else args.log_with
+    accelerator = make_accelerator(args.device, args.precision, log_with,
+                                   str(out / "tracking") if log_with else None)
     teacher_cache = Path(args.teacher_cache) if args.teacher_cache else out / "teachers"
     main = accelerator.is_main_process
     if main:
@@ -133,8 +136,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     df = pd.DataFrame(rows)
     print()
-    print(comparison_table(df, grid.methods))
-    print(f"\nrows: {out / 'results.csv'}")
+    print(comparison_table(df))
+    report = write_report(out) if not args.no_report else None
+    print(f"\nrows: {out / 'results.csv'}" + (f"; report: {report}" if report else ""))
     bad = df[df["status"] != "ok"]
     if not bad.empty:
         names = ", ".join(f"{r.method} seed {r.seed} ({r.status})" for r in bad.itertuples())
@@ -144,14 +148,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Print the comparison table of the results in a run folder."""
+    """Write the tables and plots of a run folder and print its comparison table."""
     from kt_bench.report import comparison_table
+    from kt_bench.report_writer import write_report
     from kt_bench.runner import read_rows
 
     out = Path(args.dir)
-    if not (out / "cells").is_dir():
-        raise KtBenchError(f"{out} holds no results (no cells/ folder); give a run's --out folder")
-    print(comparison_table(read_rows(out)))
+    if not list((out / "cells").glob("*/result.json")):
+        raise KtBenchError(f"{out} holds no results (no cells/*/result.json); give a run's "
+                           "--out folder")
+    rows = read_rows(out)
+    print(comparison_table(rows))
+    print(f"\nreport: {write_report(out, rows)}")
     return 0
 
 
@@ -187,10 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load the teacher from this checkpoint instead of training it")
     p_run.add_argument("--dry-run", action="store_true",
                        help="list the cells with a GPU-hour estimate and stop")
+    p_run.add_argument("--log-with", metavar="TRACKER",
+                       help="log per-step loss terms with an Accelerate tracker, e.g. "
+                            "tensorboard (written under <out>/tracking)")
+    p_run.add_argument("--no-report", action="store_true",
+                       help="skip writing report.md, tables and plots at the end")
     plugins_arg(p_run)
     p_run.set_defaults(func=cmd_run)
 
-    p_rep = sub.add_parser("report", help="print the comparison table of a run folder")
+    p_rep = sub.add_parser("report", help="write tables and plots of a run folder")
     p_rep.add_argument("dir", help="a run's output folder")
     p_rep.set_defaults(func=cmd_report)
     return parser

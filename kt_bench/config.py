@@ -159,6 +159,8 @@ class Grid:
     recipe: Recipe = field(default_factory=Recipe)
     teacher_recipe: Recipe = field(default_factory=Recipe)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Sweep axes: ``"member.option" -> values``; each value makes its own cells.
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
     description: str = ""
     source: str = "<memory>"
     #: The grids this one is the union of (``include``); empty for a grid of its own cells.
@@ -186,6 +188,11 @@ class Grid:
                               ("num_classes", "in_channels"))
             for m in self.methods:
                 build_method(m, self.method_options)
+            for key, values in self.sweep.items():
+                member, _, option = key.partition(".")
+                for value in values:
+                    opts = {**self.method_options.get(member, {}), option: value}
+                    build_method(member, {member: opts})
         except KtBenchError as exc:
             raise type(exc)(f"{self.source}: {exc}") from None
         if not self.seeds:
@@ -194,7 +201,7 @@ class Grid:
 
 
 GRID_KEYS = ("name", "description", "datasets", "pairs", "methods", "seeds", "recipe",
-             "teacher_recipe", "method_options")
+             "teacher_recipe", "method_options", "sweep", "extends")
 COMPOSITE_KEYS = ("name", "description", "include")
 PAIR_KEYS = ("teacher", "student", "teacher_checkpoint")
 
@@ -221,8 +228,7 @@ def _composite(table: Mapping[str, Any], source: str, seen: tuple[str, ...]) -> 
         raise ConfigError(f"{source}: key 'name' must be a non-empty string")
     parts = []
     for name in names:
-        path = Path(source).parent / name
-        target = str(path) if name.endswith(".toml") else name
+        target = str(_grid_path(name, source))
         if target in seen:
             raise ConfigError(f"{source}: include '{name}' forms a cycle")
         parts.append(load_grid(target, seen + (target,)))
@@ -242,10 +248,60 @@ def _pair(p: Any, where: str) -> Pair:
                 Spec.parse(p["student"], f"{where}.student"), ckpt)
 
 
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: tables merge key by key, every other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _grid_path(name: str, relative_to: str) -> Path:
+    if name.endswith(".toml"):
+        return Path(relative_to).parent / name
+    try:
+        return builtin_grids().get(name)
+    except KtBenchError as exc:
+        raise ConfigError(f"{relative_to}: {exc}; or a path to a .toml file") from None
+
+
+def _sweep(table: Any, source: str) -> dict[str, list[Any]]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: sweep must be a table of \"method.option\" = [values]")
+    for key, values in table.items():
+        member, dot, option = key.partition(".")
+        if not dot or not member or not option:
+            raise ConfigError(f"{source}: sweep key '{key}' must be \"method.option\", "
+                              "e.g. \"nst_poly.weight\"")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: sweep.{key} must be a non-empty list of values")
+    return {k: list(v) for k, v in table.items()}
+
+
 def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...] = ()) -> Grid:
-    """Build and validate a Grid from a parsed TOML table read from ``source``."""
+    """Build and validate a Grid from a parsed TOML table read from ``source``.
+
+    ``include = [...]`` makes a grid the union of other grids; ``extends = "base"`` starts
+    from another grid's table (tables merged key by key, other values replaced).
+    """
     if "include" in table:
         return _composite(table, source, seen)
+    if "extends" in table:
+        base_name = table["extends"]
+        if not isinstance(base_name, str):
+            raise ConfigError(f"{source}: key 'extends' must be a grid name or file")
+        base_path = _grid_path(base_name, source)
+        if str(base_path) in seen or str(base_path) == source:
+            raise ConfigError(f"{source}: extends '{base_name}' forms a cycle")
+        base = read_toml(base_path)
+        if "include" in base:
+            raise ConfigError(f"{source}: extends '{base_name}', a grid made with include; "
+                              "extend one of its parts instead")
+        rest = {k: v for k, v in table.items() if k != "extends"}
+        return grid_from_table(_merged(base, rest), source, seen + (str(base_path),))
     for key in table:
         if key not in GRID_KEYS:
             raise ConfigError(f"{source}: unknown key '{key}'; accepted: {', '.join(GRID_KEYS)}")
@@ -277,6 +333,7 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
         recipe=recipe,
         teacher_recipe=teacher_recipe,
         method_options={k: dict(v) for k, v in options.items()},
+        sweep=_sweep(table.get("sweep", {}), source),
         source=source,
     ).validate()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,11 @@ class DivergedError(KtBenchError):
     """The training loss became NaN or infinite."""
 
 
-def make_accelerator(device: str = "auto", precision: str = "no") -> Accelerator:
-    """An Accelerator for ``device`` (auto|cpu|cuda) and ``precision`` (no|bf16|fp16)."""
+def make_accelerator(device: str = "auto", precision: str = "no", log_with: str | None = None,
+                     project_dir: str | None = None) -> Accelerator:
+    """An Accelerator for ``device`` (auto|cpu|cuda) and ``precision`` (no|bf16|fp16);
+    ``log_with`` names an Accelerate tracker (e.g. ``tensorboard``) writing under
+    ``project_dir``."""
     if device not in DEVICES:
         raise KtBenchError(f"unknown device '{device}'; accepted: {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
@@ -49,7 +53,16 @@ def make_accelerator(device: str = "auto", precision: str = "no") -> Accelerator
         raise KtBenchError("--device cuda was asked for, but no CUDA device is available")
     # Accelerate keeps one process-wide state; a new device or precision needs it reset.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=device == "cpu", mixed_precision=precision)
+    try:
+        accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision,
+                                  log_with=log_with, project_dir=project_dir)
+    except (ValueError, ImportError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KtBenchError(f"cannot log with '{log_with}': {first}") from None
+    if log_with and not accelerator.log_with:
+        raise KtBenchError(f"--log-with {log_with}: that tracker's package is not installed "
+                           f"(for TensorBoard: pip install tensorboard)")
+    return accelerator
 
 
 class Trainee(nn.Module):
@@ -152,12 +165,14 @@ def train(
     teacher: nn.Module | None = None,
     checkpoint: Path | None = None,
     desc: str = "",
+    on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> TrainResult:
     """Train ``student_spec`` on ``data`` under ``method`` (taught by ``teacher``, if the method
     needs one) with ``recipe``; evaluate after every epoch.
 
     With ``checkpoint``, the state after each epoch is written there atomically, and a run
-    that finds one resumes after its epoch.
+    that finds one resumes after its epoch. ``on_epoch`` gets the history after each epoch.
+    With trackers on the accelerator (``--log-with``), every step's loss terms are logged.
     """
     started = time.perf_counter()
     if method.needs_teacher and teacher is None:
@@ -223,6 +238,9 @@ def train(
                 for name, value in {**terms, "loss": loss}.items():
                     sums[name] = sums.get(name, 0) + value.detach().float()
                 n_steps += 1
+                if accelerator.trackers:  # only when asked: logging reads the values back
+                    accelerator.log({f"train/{k}": v.item() for k, v in terms.items()}
+                                    | {"train/loss": loss.item()}, step=epoch * steps + n_steps)
                 images += x.shape[0] * world
                 bar.update(1)
             train_s += time.perf_counter() - t0
@@ -234,6 +252,11 @@ def train(
             record.update(evaluate(accelerator, accelerator.unwrap_model(trainee).student,
                                    data, recipe.eval_batch_size))
             history.append(record)
+            if accelerator.trackers:
+                accelerator.log({f"test/{k}": record[k] for k in ("top1", "top5")},
+                                step=(epoch + 1) * steps)
+            if on_epoch is not None and accelerator.is_main_process:
+                on_epoch(history)
             bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}")
             if checkpoint is not None and accelerator.is_main_process:
                 atomic.torch_save(checkpoint, {

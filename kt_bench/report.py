@@ -1,7 +1,13 @@
-"""Result rows -> comparison tables (tabulate)."""
+"""Result rows -> comparison tables (Markdown, LaTeX, CSV) with paired confidence intervals.
+
+Tables are views of the tidy rows, never state of their own. The change against the
+``student`` baseline is paired by seed (same seed: same student initialisation and data
+order), with a 95% t-interval over the seeds both cells have.
+"""
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 
 import pandas as pd
@@ -9,6 +15,7 @@ from tabulate import tabulate
 
 BASELINE = "student"
 KEYS = ["dataset", "teacher", "student", "method"]
+CONFIDENCE = 0.95
 
 
 def load_reference() -> pd.DataFrame:
@@ -19,74 +26,220 @@ def load_reference() -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEYS)
 
 
-def _mean_std(values: pd.Series) -> str:
-    values = values.dropna()
-    if values.empty:
-        return "-"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.2f}"
-    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+def param_columns(rows: pd.DataFrame) -> list[str]:
+    """The swept-parameter columns of ``rows`` (named ``member.option``)."""
+    return [c for c in rows.columns if "." in c and c.split(".")[0]]
 
 
-def _published(reference: pd.DataFrame | None, key: tuple, column: str) -> str:
+def method_order(methods) -> list[str]:
+    """``student`` first, then single methods, then combinations, each by name."""
+    return sorted(set(methods), key=lambda m: (m != BASELINE, m.count("+"), m))
+
+
+def paired_delta(method_rows: pd.DataFrame, base_rows: pd.DataFrame) -> dict:
+    """Mean top-1 difference method − baseline over shared seeds, with its 95% t-interval.
+
+    ``significant`` is None with fewer than two shared seeds (no interval)."""
+    a = method_rows.groupby("seed")["top1"].mean()
+    b = base_rows.groupby("seed")["top1"].mean()
+    d = (a - b).dropna()
+    n = len(d)
+    if n == 0:
+        return {"delta": math.nan, "delta_lo": math.nan, "delta_hi": math.nan, "pairs": 0,
+                "significant": None}
+    mean = float(d.mean())
+    if n < 2:
+        return {"delta": mean, "delta_lo": math.nan, "delta_hi": math.nan, "pairs": 1,
+                "significant": None}
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + CONFIDENCE / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    lo, hi = mean - half, mean + half
+    return {"delta": mean, "delta_lo": lo, "delta_hi": hi, "pairs": n,
+            "significant": not (lo <= 0 <= hi)}
+
+
+def _published(reference: pd.DataFrame | None, key: tuple, column: str) -> float | None:
+    """The published value, NaN where a published row exists without a readable figure,
+    None where there is no published row."""
     if reference is None or reference.empty:
-        return ""
+        return None
     match = reference
     for name, value in zip(KEYS, key, strict=True):
         match = match[match[name] == value]
+    if match.empty:
+        return None
     values = match[column].dropna() if column in match else match.iloc[0:0]
-    if not match.empty and values.empty:
-        return "n/a"  # a published row exists, its figure could not be read
-    return f"{values.iloc[0]:.2f}" if not values.empty else ""
+    return float(values.iloc[0]) if not values.empty else math.nan
 
 
-def summarise(rows: pd.DataFrame, method_order: list[str] | None = None,
-              reference: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One line per (dataset, teacher, student, method): mean ± std over seeds of top-1 (last
-    epoch), top-1 (best epoch), top-5, the change of mean top-1 against the ``student`` baseline,
-    and mean wall time; failed and diverged cells are counted, not averaged. With
-    ``reference`` rows, the published top-1 of the same cell (and of its teacher) beside."""
-    keys = KEYS
-    needed = ["top1", "top1_best", "top5", "teacher_top1", "wall_s", "status"]
+def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One tidy line per (dataset, teacher, student, method, swept values): seeds, mean and
+    std of top-1 (last epoch), mean top-1 (best epoch), mean top-5, the paired change against
+    the baseline with its interval, teacher top-1, cost, and the published figures."""
+    needed = ["top1", "top1_best", "top5", "teacher_top1", "wall_s", "images_per_s", "status",
+              "seed"]
     rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *needed])))
+    params = param_columns(rows)
+    keys = KEYS + params
     ok = rows[rows["status"] == "ok"]
     out = []
-    for key, group in rows.groupby(keys, sort=False):
+    for key, group in rows.groupby(keys, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
         good = ok.loc[ok.index.intersection(group.index)]
         base = ok[(ok["dataset"] == key[0]) & (ok["teacher"] == key[1])
                   & (ok["student"] == key[2]) & (ok["method"] == BASELINE)]
-        delta = "-"
-        if not good.empty and not base.empty and key[3] != BASELINE:
-            delta = f"{good['top1'].mean() - base['top1'].mean():+.2f}"
-        bad = group[group["status"] != "ok"]
-        out.append({
-            "dataset": key[0], "teacher → student": f"{key[1]} → {key[2]}", "method": key[3],
-            "seeds": len(good), "top1": _mean_std(good["top1"]),
-            "top1 best-epoch": _mean_std(good["top1_best"]), "top5": _mean_std(good["top5"]),
-            "Δ top1 vs student": delta,
-            "teacher top1": _mean_std(group["teacher_top1"].astype(float)),
-            "wall s": f"{good['wall_s'].mean():.1f}" if not good.empty else "-",
-            "published top1": _published(reference, key, "top1"),
-            "published teacher top1": _published(reference, key, "teacher_top1"),
-            "not ok": ", ".join(f"{s} ({n})" for s, n in bad["status"].value_counts().items()),
-        })
+        line = dict(zip(keys, key, strict=True))
+        line.update(
+            seeds=len(good), top1=good["top1"].mean(), top1_std=good["top1"].std(ddof=1),
+            top1_best=good["top1_best"].mean(), top5=good["top5"].mean(),
+            teacher_top1=pd.to_numeric(group["teacher_top1"], errors="coerce").mean(),
+            wall_s=good["wall_s"].mean(), images_per_s=good["images_per_s"].mean(),
+            not_ok=", ".join(f"{s} ({n})" for s, n in
+                             group.loc[group["status"] != "ok", "status"].value_counts().items()),
+        )
+        if key[3] != BASELINE and not base.empty and not good.empty:
+            line.update(paired_delta(good, base))
+        else:
+            line.update(delta=math.nan, delta_lo=math.nan, delta_hi=math.nan, pairs=0,
+                        significant=None)
+        line["published_top1"] = _published(reference, key[:4], "top1")
+        line["published_teacher_top1"] = _published(reference, key[:4], "teacher_top1")
+        out.append(line)
     table = pd.DataFrame(out)
-    if method_order and not table.empty:
-        rank = {m: i for i, m in enumerate(method_order)}
-        table["_r"] = table["method"].map(lambda m: rank.get(m, len(rank)))
-        table = table.sort_values(["dataset", "teacher → student", "_r"], kind="stable")
-        table = table.drop(columns="_r")
-    return table.reset_index(drop=True)
-
-
-def comparison_table(rows: pd.DataFrame, method_order: list[str] | None = None,
-                     fmt: str = "github", reference: pd.DataFrame | None = None) -> str:
-    """The comparison table of ``rows`` as text (a tabulate format, Markdown by default);
-    columns that are empty everywhere (no published numbers, no failures) are left out."""
-    table = summarise(rows, method_order, load_reference() if reference is None else reference)
     if table.empty:
-        return "(no results)"
+        return table
+    rank = {m: i for i, m in enumerate(method_order(table["method"]))}
+    table["_r"] = table["method"].map(rank)
+    table = table.sort_values(["dataset", "teacher", "student", "_r", *params], kind="stable")
+    return table.drop(columns="_r").reset_index(drop=True)
+
+
+def _num(x: float, fmt: str = ".2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def significance(line: pd.Series) -> bool | None:
+    """Whether the line's interval excludes zero; None where there is no interval."""
+    sig = line["significant"]
+    return None if sig is None or (isinstance(sig, float) and math.isnan(sig)) else bool(sig)
+
+
+def format_delta(line: pd.Series) -> str:
+    """``+1.20 [0.40, 2.00]``; ``n.s.`` when the interval spans zero; ``(1 seed)`` without one."""
+    if math.isnan(line["delta"]):
+        return "-"
+    text = f"{line['delta']:+.2f}"
+    if significance(line) is None:
+        return f"{text} (1 seed)"
+    text += f" [{line['delta_lo']:+.2f}, {line['delta_hi']:+.2f}]"
+    return text if significance(line) else text + " n.s."
+
+
+def _mean_std(line: pd.Series) -> str:
+    if math.isnan(line["top1"]):
+        return "-"
+    if line["seeds"] < 2:
+        return f"{line['top1']:.2f}"
+    return f"{line['top1']:.2f} ± {line['top1_std']:.2f}"
+
+
+def _published_text(value: float | None) -> str:
+    if value is None:
+        return ""
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
+def display_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The console/Markdown long table: one line per summary line, formatted; empty columns
+    (no published numbers, no failures, no sweeps) left out."""
+    params = param_columns(summary)
+    out = pd.DataFrame({
+        "dataset": summary["dataset"],
+        "teacher → student": summary["teacher"] + " → " + summary["student"],
+        "method": summary["method"],
+        **{p: summary[p].map(lambda v: "" if pd.isna(v) else str(v)) for p in params},
+        "seeds": summary["seeds"].astype(str),
+        "top1": summary.apply(_mean_std, axis=1),
+        "top1 best-epoch": summary["top1_best"].map(_num),
+        "top5": summary["top5"].map(_num),
+        "Δ top1 vs student (95% CI)": summary.apply(format_delta, axis=1),
+        "teacher top1": summary["teacher_top1"].map(_num),
+        "published top1": summary["published_top1"].map(_published_text),
+        "published teacher top1": summary["published_teacher_top1"].map(_published_text),
+        "wall s": summary["wall_s"].map(lambda v: _num(v, ".1f")),
+        "not ok": summary["not_ok"],
+    })
     for col in ("published top1", "published teacher top1", "not ok"):
-        if not (table[col] != "").any():
-            table = table.drop(columns=col)
-    return tabulate(table, headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)
+        if not (out[col] != "").any():
+            out = out.drop(columns=col)
+    return out
+
+
+def comparison_table(rows: pd.DataFrame, fmt: str = "github",
+                     reference: pd.DataFrame | None = None) -> str:
+    """The comparison table of ``rows`` as text (a tabulate format, Markdown by default)."""
+    summary = summarise(rows, load_reference() if reference is None else reference)
+    if summary.empty:
+        return "(no results)"
+    return tabulate(display_table(summary), headers="keys", tablefmt=fmt, showindex=False,
+                    disable_numparse=True)
+
+
+def _row_label(line: pd.Series, params: list[str]) -> str:
+    swept = [f"{p}={line[p]}" for p in params if not pd.isna(line[p])]
+    return line["method"] + (f" [{', '.join(swept)}]" if swept else "")
+
+
+def pivot(summary: pd.DataFrame, bold=lambda s: f"**{s}**", mark_ns: str = "†") -> pd.DataFrame:
+    """Methods x (dataset: teacher → student): ``mean ± std (Δ)``; the best mean of each column
+    in ``bold``; a Δ whose interval spans zero marked with ``mark_ns``; ``paper X`` where a
+    published figure exists."""
+    params = param_columns(summary)
+    summary = summary.assign(
+        _col=summary["dataset"] + ": " + summary["teacher"] + " → " + summary["student"],
+        _row=summary.apply(lambda r: _row_label(r, params), axis=1))
+    best = summary.groupby("_col")["top1"].transform("max")
+    cells = {}
+    for _, line in summary.iterrows():
+        text = _mean_std(line)
+        if not math.isnan(line["top1"]) and line["top1"] == best[line.name]:
+            text = bold(text)
+        if not math.isnan(line["delta"]):
+            delta = f"{line['delta']:+.2f}"
+            if significance(line) is False:
+                delta += mark_ns
+            text += f" ({delta})"
+        published = _published_text(line["published_top1"])
+        if published:
+            text += f"; paper {published}"
+        cells[(line["_row"], line["_col"])] = text
+    rows = list(dict.fromkeys(summary["_row"]))
+    cols = list(dict.fromkeys(summary["_col"]))
+    table = pd.DataFrame([[cells.get((r, c), "") for c in cols] for r in rows],
+                         index=rows, columns=cols)
+    teacher = summary.groupby("_col")["teacher_top1"].mean()
+    table.loc["(teacher)"] = [_num(teacher[c]) for c in cols]
+    return table
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"), ("%", r"\%"),
+                 ("#", r"\#"), ("±", r"$\pm$"), ("→", r"$\to$"), ("†", r"$^\dagger$")):
+        text = text.replace(a, b)
+    return text
+
+
+def markdown_pivot(summary: pd.DataFrame) -> str:
+    """The pivot as a Markdown table."""
+    table = pivot(summary)
+    return tabulate(table, headers="keys", tablefmt="github", disable_numparse=True)
+
+
+def latex_pivot(summary: pd.DataFrame) -> str:
+    """The pivot as a LaTeX (booktabs) table."""
+    table = pivot(summary, bold=lambda s: f"\x00{s}\x01")  # marked, escaped, then bolded
+    table = table.map(lambda s: _latex_escape(s).replace("\x00", "\\textbf{").replace("\x01", "}"))
+    table.index = [_latex_escape(i) for i in table.index]
+    table.columns = [_latex_escape(c) for c in table.columns]
+    return tabulate(table, headers="keys", tablefmt="latex_raw", disable_numparse=True)

@@ -13,6 +13,7 @@ from kt_bench.cells import Cell, config_hash
 from kt_bench.data.bundle import DataBundle
 from kt_bench.engine import evaluate, train
 from kt_bench.errors import KtBenchError
+from kt_bench.locks import FileLock
 from kt_bench.method import build_method
 from kt_bench.models import build_model
 
@@ -50,8 +51,15 @@ def get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
                 cache_dir: Path) -> tuple[nn.Module, dict]:
     """The teacher of ``cell`` and its test metrics: from the cache; else loaded (a
     checkpoint, or torchvision weights) and evaluated; else trained (with the ``student``
-    baseline method and the teacher recipe); then cached."""
+    baseline method and the teacher recipe); then cached. Runners sharing the cache wait for
+    each other rather than train one teacher twice."""
     path = teacher_path(cache_dir, cell)
+    with FileLock(path.with_suffix(".lock")):
+        return _get_teacher(cell, data, accelerator, path)
+
+
+def _get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
+                 path: Path) -> tuple[nn.Module, dict]:
     model = build_model(cell.teacher, data.num_classes, data.in_channels)
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=False)

@@ -18,3 +18,5 @@ def test_demo_grid_trains_a_teacher_clearly_above_the_student(tmp_path, capsys):
     assert rows["teacher_top1"].iloc[0] >= rows.loc["student", "top1"] + 1.0
     stdout = capsys.readouterr().out
     assert all(m in stdout for m in DEMO_METHODS)
+    for name in ("report.md", "report/table.tex", "report/accuracy.png", "report/curves.png"):
+        assert (tmp_path / "demo" / name).exists(), name

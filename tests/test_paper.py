@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pandas as pd
@@ -157,5 +158,7 @@ def test_reference_rows_and_the_published_column():
                               "top1_best": 72.5, "top5": 90.0, "teacher_top1": 79.0,
                               "wall_s": 1.0, "status": "ok"}])
     table = summarise(measured, reference=ref)
-    assert table.loc[0, "published top1"] == "73.33"
-    assert table.loc[0, "published teacher top1"] == "79.42"
+    assert table.loc[0, "published_top1"] == 73.33
+    assert table.loc[0, "published_teacher_top1"] == 79.42
+    empty = measured.assign(teacher="preact_resnet1001", student="inception_bn_cifar")
+    assert math.isnan(summarise(empty, reference=ref).loc[0, "published_top1"])  # shown n/a

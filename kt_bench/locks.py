@@ -1,0 +1,50 @@
+"""Advisory file locks, so several runners (processes or machines) can share one out folder.
+
+``fcntl.flock`` locks are released by the kernel when their holder exits, however it exits
+(``kill -9`` included), so a lock never outlives a dead runner. On a shared file system they
+work where the file system supports them (NFSv4 and Lustre do).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+
+class FileLock:
+    """An exclusive lock on ``path`` (created if missing); holds the holder's host and pid."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; without ``blocking``, return False at once if another holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()} {time.time():.0f}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Give the lock up."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire(blocking=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

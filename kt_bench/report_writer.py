@@ -1,0 +1,67 @@
+"""``kt-bench report``: a run folder's rows -> tables, plots and a ``report.md`` linking them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from kt_bench import atomic
+from kt_bench.plots import accuracy_plot, cost_plot, curves_plot, sensitivity_plots
+from kt_bench.report import (
+    CONFIDENCE,
+    display_table,
+    latex_pivot,
+    load_reference,
+    markdown_pivot,
+    summarise,
+)
+from kt_bench.runner import read_rows
+
+
+def write_report(out: Path, rows: pd.DataFrame | None = None) -> Path:
+    """Write ``out/report.md`` and, under ``out/report/``, the tables (``table.md``,
+    ``table.tex``, ``summary.csv``) and plots (PNG and PDF); return the report's path."""
+    rows = read_rows(out) if rows is None else rows
+    summary = summarise(rows, load_reference())
+    folder = out / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    long_md = display_table(summary).to_markdown(index=False)
+    pivot_md = markdown_pivot(summary)
+    atomic.write_text(folder / "table.md", pivot_md + "\n\n" + long_md + "\n")
+    atomic.write_text(folder / "table.tex", latex_pivot(summary) + "\n")
+    atomic.write_text(folder / "summary.csv", summary.to_csv(index=False))
+    plots = [*accuracy_plot(summary, folder), *curves_plot(rows, out, folder),
+             *cost_plot(summary, folder), *sensitivity_plots(summary, folder)]
+    pngs = [p for p in plots if p.suffix == ".png"]
+    counts = rows["status"].value_counts().to_dict()
+    grids = ", ".join(sorted(map(str, rows["grid"].dropna().unique())))
+    text = [
+        f"# Report: {grids}",
+        "",
+        f"{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".",
+        "",
+        "## Comparison",
+        "",
+        "Top-1 accuracy (%) at the last epoch, mean ± std over seeds; in brackets the change "
+        f"against the `student` baseline, paired by seed ({CONFIDENCE:.0%} t-interval in the "
+        "long table; † where that interval spans zero, i.e. not significant). The best mean "
+        "of each column is in bold. `paper` is the published figure where one exists "
+        "(`n/a`: published, but not readable where this harness was built).",
+        "",
+        pivot_md,
+        "",
+        "## All figures",
+        "",
+        long_md,
+        "",
+        "Files: [table.md](report/table.md), [table.tex](report/table.tex), "
+        "[summary.csv](report/summary.csv), [results.csv](results.csv).",
+        "",
+        "## Plots",
+        "",
+        *[f"![{p.stem}](report/{p.name}) ([PDF](report/{p.stem}.pdf))\n" for p in pngs],
+    ]
+    path = out / "report.md"
+    atomic.write_text(path, "\n".join(text))
+    return path

@@ -1,0 +1,80 @@
+"""Report: paired intervals by hand, table marks, and the files a report writes."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from kt_bench.cli import main
+from kt_bench.report import format_delta, latex_pivot, markdown_pivot, paired_delta, summarise
+
+from .conftest import write_tiny_grid
+
+
+def _rows(values: dict[str, list[float]], seeds=None) -> pd.DataFrame:
+    out = []
+    for method, accs in values.items():
+        for seed, acc in zip(seeds or range(len(accs)), accs, strict=True):
+            out.append({"dataset": "d", "teacher": "t", "student": "s", "method": method,
+                        "seed": seed, "top1": acc, "top1_best": acc + 1, "top5": 99.0,
+                        "teacher_top1": 80.0, "wall_s": 1.0, "images_per_s": 10.0,
+                        "status": "ok"})
+    return pd.DataFrame(out)
+
+
+def test_paired_delta_is_a_t_interval_over_seed_differences():
+    rows = _rows({"student": [69.0, 70.0, 71.0], "kd": [70.0, 72.0, 74.0]})
+    d = paired_delta(rows[rows.method == "kd"], rows[rows.method == "student"])
+    # differences 1, 2, 3: mean 2, sd 1; t(0.975, 2 dof) = 4.302653
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)
+    assert d["delta"] == pytest.approx(2.0)
+    assert (d["delta_lo"], d["delta_hi"]) == pytest.approx((2 - half, 2 + half))
+    assert d["pairs"] == 3 and d["significant"] is False
+
+
+def test_paired_delta_pairs_only_shared_seeds_and_marks_significance():
+    base = _rows({"student": [70.0, 71.0, 72.0]}, seeds=[0, 1, 2])
+    method = _rows({"kd": [72.0, 73.1, 99.0]}, seeds=[0, 1, 7])
+    d = paired_delta(method, base)
+    assert d["pairs"] == 2 and d["delta"] == pytest.approx(2.05)
+    rows = _rows({"student": [70.0, 71.0, 72.0], "kd": [72.0, 73.1, 73.9]})
+    d = paired_delta(rows[rows.method == "kd"], rows[rows.method == "student"])
+    assert d["significant"] is True
+    single = paired_delta(_rows({"kd": [75.0]}), _rows({"student": [70.0]}))
+    assert single["significant"] is None and format_delta(pd.Series(single)) == "+5.00 (1 seed)"
+
+
+def test_pivot_marks_the_best_and_the_not_significant():
+    rows = _rows({"student": [69.0, 70.0, 71.0], "kd": [70.0, 72.0, 74.0],
+                  "nst_poly": [72.0, 73.1, 73.9]})
+    summary = summarise(rows)
+    md = markdown_pivot(summary)
+    assert "**73.00 ± 0.95** (+3.00)" in md  # nst_poly: best, significant
+    assert "72.00 ± 2.00 (+2.00†)" in md  # kd: interval spans zero
+    assert "(teacher)" in md and "80.00" in md
+    tex = latex_pivot(summary)
+    assert r"\textbf{73.00 $\pm$ 0.95}" in tex and r"nst\_poly" in tex and r"$^\dagger$" in tex
+
+
+def test_report_command_writes_tables_plots_and_report_md(tmp_path, capsys):
+    grid = write_tiny_grid(tmp_path, methods=("student", "kd"), seeds=(0, 1))
+    out = tmp_path / "out"
+    assert main(["run", "--grid", str(grid), "--out", str(out), "--no-report"]) == 0
+    assert not (out / "report.md").exists()
+    assert main(["report", str(out)]) == 0
+    folder = out / "report"
+    for name in ("table.md", "table.tex", "summary.csv", "accuracy.png", "accuracy.pdf",
+                 "curves.png", "curves.pdf", "cost.png", "cost.pdf"):
+        assert (folder / name).stat().st_size > 0, name
+    from PIL import Image
+
+    with Image.open(folder / "accuracy.png") as img:
+        assert img.size[0] > 400 and img.size[1] > 300
+    report = (out / "report.md").read_text()
+    assert "![accuracy](report/accuracy.png)" in report
+    assert "[table.tex](report/table.tex)" in report
+    summary = pd.read_csv(folder / "summary.csv")
+    assert {"top1", "top1_std", "delta", "delta_lo", "delta_hi", "significant"} <= set(summary)
+    assert summary.loc[summary.method == "kd", "seeds"].item() == 2
