@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from kt_bench.cells import expand, select
     from kt_bench.config import load_grid
-    from kt_bench.engine import make_accelerator
+    from kt_bench.engine import make_accelerator, resolve_precision
     from kt_bench.plugins import load_plugins
     from kt_bench.report import comparison_table
     from kt_bench.report_writer import write_report
@@ -95,7 +95,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     load_plugins(args.plugins)
     grid = _apply_overrides(load_grid(args.grid), args)
-    cells = select(expand(grid, args.precision, args.teacher_checkpoint), args.only)
+    precision = resolve_precision(args.precision, args.device)
+    cells = select(expand(grid, precision, args.teacher_checkpoint), args.only)
     out = Path(args.out) if args.out else Path("results") / grid.name
     if args.dry_run:
         from kt_bench.cost import ASSUMED_FLOPS, cell_flops, grid_gpu_hours
@@ -112,13 +113,13 @@ def cmd_run(args: argparse.Namespace) -> int:
               "sustained per GPU (a rough guide, not a measurement)")
         return 0
     log_with = None if args.log_with in (None, "none") else args.log_with
-    accelerator = make_accelerator(args.device, args.precision, log_with,
+    accelerator = make_accelerator(args.device, precision, log_with,
                                    str(out / "tracking") if log_with else None)
     teacher_cache = Path(args.teacher_cache) if args.teacher_cache else out / "teachers"
     main = accelerator.is_main_process
     if main:
         print(f"grid '{grid.name}': {len(cells)} cells on {accelerator.device} "
-              f"(precision {args.precision}) -> {out}", flush=True)
+              f"(precision {precision}) -> {out}", flush=True)
 
     def on_row(i: int, row: dict) -> None:
         if not main:
@@ -131,7 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             tqdm.write(f"[{i + 1}/{len(cells)}] {row['method']:<14} seed {row['seed']}: "
                        f"{row['status']}: {row['error']}")
 
-    rows = run_cells(cells, out, accelerator, teacher_cache, args.data_root, on_row)
+    rows = run_cells(cells, out, accelerator, teacher_cache, args.data_root, on_row,
+                     cohort=not args.no_cohort)
     if not main:
         return 0
     df = pd.DataFrame(rows)
@@ -185,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--epochs", type=int, help="student epochs replacing the recipe's")
     p_run.add_argument("--seeds", help="comma-separated seeds replacing the grid's")
     p_run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p_run.add_argument("--precision", default="no", help="no, bf16 or fp16 (default no)")
+    p_run.add_argument("--precision", default="auto",
+                       help="auto, no, bf16 or fp16 (default auto: bf16 autocast on CUDA, "
+                            "full precision on the CPU)")
+    p_run.add_argument("--no-cohort", action="store_true",
+                       help="train every cell alone (default: cells that differ only in "
+                            "method train together, one teacher pass for all)")
     p_run.add_argument("--teacher-cache", help="teacher cache folder (default: <out>/teachers)")
     p_run.add_argument("--data-root", help="where datasets are stored or downloaded")
     p_run.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",

@@ -36,6 +36,14 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "bf16", "fp16")
 
 
+def resolve_precision(precision: str, device: str = "auto") -> str:
+    """``auto``: bf16 autocast where CUDA (with bf16) is used, full precision on the CPU."""
+    if precision != "auto":
+        return precision
+    cuda = device != "cpu" and torch.cuda.is_available()
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+
+
 class DivergedError(KtBenchError):
     """The training loss became NaN or infinite."""
 
@@ -48,7 +56,8 @@ def make_accelerator(device: str = "auto", precision: str = "no", log_with: str 
     if device not in DEVICES:
         raise KtBenchError(f"unknown device '{device}'; accepted: {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
-        raise KtBenchError(f"unknown precision '{precision}'; accepted: {', '.join(PRECISIONS)}")
+        raise KtBenchError(f"unknown precision '{precision}'; accepted: auto, "
+                           f"{', '.join(PRECISIONS)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise KtBenchError("--device cuda was asked for, but no CUDA device is available")
     # Accelerate keeps one process-wide state; a new device or precision needs it reset.
@@ -91,6 +100,10 @@ class TrainResult:
     wall_s: float = 0.0
     train_s: float = 0.0
     images: int = 0
+    #: Training seconds of each epoch run in this call (not of resumed ones).
+    epoch_s: list[float] = field(default_factory=list)
+    #: Why training stopped early (a diverged loss, a method's exception), else None.
+    error: BaseException | None = None
 
     @property
     def top1(self) -> float:
@@ -155,6 +168,213 @@ def _tap_shapes(model: nn.Module, taps: tuple[str, ...], x: torch.Tensor) -> dic
     return {k: v.shape for k, v in out.items()}
 
 
+@dataclass
+class _Member:
+    """One student of a cohort with everything it owns."""
+
+    method: Method
+    trainee: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    checkpoint: Path | None
+    on_epoch: Callable[[list[dict[str, Any]]], None] | None
+    base_ce: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_s: float = 0.0
+    images: int = 0
+    epoch_s: list[float] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def start_epoch(self) -> int:
+        return len(self.history)
+
+
+def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: Recipe,
+                 seed: int, accelerator: Accelerator, teacher: nn.Module | None,
+                 checkpoint: Path | None, on_epoch) -> _Member:
+    """Build one student exactly as a solo run would: the same seeds in the same order."""
+    set_seed(seed)
+    student = build_model(student_spec, data.num_classes, data.in_channels)
+    if method.needs_teacher:
+        probe = data.probe()
+        set_seed(derived_seed(seed, 2))  # the method's own parameters
+        method.setup(_tap_shapes(student, method.taps, probe),
+                     _tap_shapes(teacher, method.taps, probe.to(next(teacher.parameters()).device)))
+    trainee = Trainee(student, method)
+    if accelerator.device.type == "cuda":
+        trainee = trainee.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(trainee.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    scheduler = make_scheduler(optimizer, recipe)
+    member = _Member(method, trainee, optimizer, scheduler, checkpoint, on_epoch,
+                     recipe.ce_weight if method.ce_weight is None else method.ce_weight)
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        trainee.load_state_dict(state["trainee"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        member.history, member.train_s, member.images = (state["history"], state["train_s"],
+                                                         state["images"])
+    member.trainee, member.optimizer = accelerator.prepare(trainee, optimizer)
+    return member
+
+
+def _step(member: _Member, accelerator: Accelerator, x: torch.Tensor, y: torch.Tensor,
+          t_taps: dict | None, weights: dict[str, float], ce_weight: float,
+          sums: dict[str, torch.Tensor], log_step: int | None) -> None:
+    """One optimisation step of one student; loss terms are summed on the device."""
+    with accelerator.autocast():
+        logits, terms = member.trainee(x, t_taps)
+        parts = []
+        if ce_weight:
+            terms["ce"] = F.cross_entropy(logits.float(), y)
+            parts.append(ce_weight * terms["ce"])
+        parts += [w * terms[name] for name, w in weights.items() if w]
+        loss = sum(parts)
+    accelerator.backward(loss)
+    member.optimizer.step()
+    member.optimizer.zero_grad(set_to_none=True)
+    for name, value in {**terms, "loss": loss}.items():
+        sums[name] = sums.get(name, 0) + value.detach().float()
+    if log_step is not None:  # only when a tracker is on: logging reads the values back
+        accelerator.log({f"train/{k}": v.item() for k, v in terms.items()}
+                        | {"train/loss": loss.item()}, step=log_step)
+
+
+def _end_epoch(member: _Member, accelerator: Accelerator, data: DataBundle, recipe: Recipe,
+               epoch: int, n_steps: int, sums: dict, seconds: float, steps: int) -> None:
+    """Close one epoch of one student: record, check for divergence, schedule, evaluate,
+    checkpoint."""
+    member.train_s += seconds
+    member.epoch_s.append(seconds)
+    record: dict[str, Any] = {"epoch": epoch + 1, "lr": member.optimizer.param_groups[0]["lr"]}
+    record.update({k: v.item() / max(n_steps, 1) for k, v in sums.items()})
+    if not math.isfinite(record.get("loss", 0.0)):
+        raise DivergedError(f"loss became {record['loss']} in epoch {epoch + 1}")
+    member.scheduler.step()
+    record.update(evaluate(accelerator, accelerator.unwrap_model(member.trainee).student, data,
+                           recipe.eval_batch_size))
+    member.history.append(record)
+    if accelerator.trackers:
+        accelerator.log({f"test/{k}": record[k] for k in ("top1", "top5")},
+                        step=(epoch + 1) * steps)
+    if accelerator.is_main_process:
+        if member.checkpoint is not None:
+            atomic.torch_save(member.checkpoint, {
+                "trainee": accelerator.unwrap_model(member.trainee).state_dict(),
+                "optimizer": member.optimizer.state_dict(),
+                "scheduler": member.scheduler.state_dict(),
+                "history": member.history, "train_s": member.train_s,
+                "images": member.images})
+        if member.on_epoch is not None:
+            member.on_epoch(member.history)
+
+
+def train_cohort(
+    data: DataBundle,
+    student_spec: Spec,
+    methods: list[Method],
+    recipe: Recipe,
+    seed: int,
+    accelerator: Accelerator,
+    teacher: nn.Module | None = None,
+    checkpoints: list[Path | None] | None = None,
+    desc: str = "",
+    on_epoch: list[Callable[[list[dict[str, Any]]], None] | None] | None = None,
+) -> list[TrainResult]:
+    """Train one student per method, together, in one pass over the data: each batch is
+    augmented once and goes through the teacher once, and every student takes its step.
+
+    Every student is built, seeded, stepped, evaluated and checkpointed exactly as a solo run
+    of its cell would be, so on the CPU each result equals the solo run's bit for bit. A
+    student whose loss diverges or whose method raises is stopped with the error in its
+    result; the others go on. ``checkpoints`` and ``on_epoch`` are per student; a student
+    resumes from its checkpoint and trains only the epochs it lacks. With trackers on the
+    accelerator (``--log-with``), every step's loss terms are logged (one student per run).
+    """
+    started = time.perf_counter()
+    checkpoints = checkpoints or [None] * len(methods)
+    on_epoch = on_epoch or [None] * len(methods)
+    for m in methods:
+        if m.needs_teacher and teacher is None:
+            raise KtBenchError(f"method '{m.name}' needs a teacher")
+    needs_teacher = any(m.needs_teacher for m in methods)
+    teacher_rec = None
+    if needs_teacher:
+        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        if accelerator.device.type == "cuda":
+            teacher = teacher.to(memory_format=torch.channels_last)
+    members = [_make_member(data, student_spec, m, recipe, seed, accelerator, teacher, c, cb)
+               for m, c, cb in zip(methods, checkpoints, on_epoch, strict=True)]
+    if needs_teacher:
+        taps = tuple(dict.fromkeys(t for m in methods for t in m.taps))
+        teacher_rec = TapRecorder(teacher, teacher.tap_map, taps)
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    steps = math.ceil(data.n_train / recipe.batch_size)
+    first = min(m.start_epoch for m in members)
+    bar = tqdm(total=steps * (recipe.epochs - first), desc=desc, leave=False,
+               disable=not accelerator.is_local_main_process, unit="step")
+    logging = bool(accelerator.trackers) and len(members) == 1
+    try:
+        for epoch in range(first, recipe.epochs):
+            active = [m for m in members if m.error is None and m.start_epoch <= epoch]
+            if not active:
+                break
+            plan = []
+            for m in active:
+                try:
+                    plan.append((m, m.method.term_weights(epoch, recipe.epochs),
+                                 m.base_ce * m.method.ce_scale(epoch, recipe.epochs), {}))
+                except Exception as exc:  # noqa: BLE001 - this student stops, the rest go on
+                    m.error = exc
+            use_teacher = any(m.method.needs_teacher for m, *_ in plan)
+            for m, *_ in plan:
+                m.trainee.train()
+            n_steps = 0
+            t0 = time.perf_counter()
+            for x, y in data.train_batches(epoch, seed, recipe.batch_size, device, rank, world):
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                t_taps = None
+                if use_teacher:
+                    with accelerator.autocast(), torch.inference_mode():
+                        t_taps = teacher_rec.collect(teacher(x))
+                    # clones leave inference mode, so autograd may save them for backward
+                    t_taps = {k: v.clone() for k, v in t_taps.items()}
+                n_steps += 1
+                for m, weights, ce_weight, sums in plan:
+                    if m.error is not None:
+                        continue
+                    try:
+                        _step(m, accelerator, x, y, t_taps if m.method.needs_teacher else None,
+                              weights, ce_weight, sums,
+                              epoch * steps + n_steps if logging else None)
+                    except Exception as exc:  # noqa: BLE001
+                        m.error = exc
+                    m.images += x.shape[0] * world
+                bar.update(1)
+            seconds = time.perf_counter() - t0
+            for m, _, _, sums in plan:
+                if m.error is None:
+                    try:
+                        _end_epoch(m, accelerator, data, recipe, epoch, n_steps, sums, seconds,
+                                   steps)
+                    except Exception as exc:  # noqa: BLE001
+                        m.error = exc
+            last = [m.history[-1] for m, *_ in plan if m.error is None and m.history]
+            if len(last) == 1:
+                bar.set_postfix(loss=f"{last[0]['loss']:.3f}", top1=f"{last[0]['top1']:.1f}")
+    finally:
+        bar.close()
+        if teacher_rec is not None:
+            teacher_rec.remove()
+    wall = time.perf_counter() - started
+    return [TrainResult(accelerator.unwrap_model(m.trainee).student, m.history, wall, m.train_s,
+                        m.images, m.epoch_s, m.error) for m in members]
+
+
 def train(
     data: DataBundle,
     student_spec: Spec,
@@ -168,105 +388,14 @@ def train(
     on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> TrainResult:
     """Train ``student_spec`` on ``data`` under ``method`` (taught by ``teacher``, if the method
-    needs one) with ``recipe``; evaluate after every epoch.
+    needs one) with ``recipe``; evaluate after every epoch (a cohort of one).
 
     With ``checkpoint``, the state after each epoch is written there atomically, and a run
     that finds one resumes after its epoch. ``on_epoch`` gets the history after each epoch.
-    With trackers on the accelerator (``--log-with``), every step's loss terms are logged.
+    An error in training (a diverged loss, a failing method) is raised.
     """
-    started = time.perf_counter()
-    if method.needs_teacher and teacher is None:
-        raise KtBenchError(f"method '{method.name}' needs a teacher")
-    set_seed(seed)
-    student = build_model(student_spec, data.num_classes, data.in_channels)
-    probe = data.probe()
-    teacher_rec = None
-    if method.needs_teacher:
-        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-        set_seed(derived_seed(seed, 2))  # the method's own parameters
-        method.setup(_tap_shapes(student, method.taps, probe),
-                     _tap_shapes(teacher, method.taps, probe.to(accelerator.device)))
-        teacher_rec = TapRecorder(teacher, teacher.tap_map, method.taps)
-    trainee = Trainee(student, method)
-    optimizer = torch.optim.SGD(trainee.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
-    scheduler = make_scheduler(optimizer, recipe)
-    history: list[dict[str, Any]] = []
-    start_epoch, train_s, images = 0, 0.0, 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        trainee.load_state_dict(state["trainee"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, train_s, images = state["history"], state["train_s"], state["images"]
-        start_epoch = len(history)
-    trainee, optimizer = accelerator.prepare(trainee, optimizer)
-    device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
-    steps = math.ceil(data.n_train / recipe.batch_size)
-    base_ce = recipe.ce_weight if method.ce_weight is None else method.ce_weight
-    bar = tqdm(total=steps * (recipe.epochs - start_epoch), desc=desc, leave=False,
-               disable=not accelerator.is_local_main_process, unit="step")
-    try:
-        for epoch in range(start_epoch, recipe.epochs):
-            weights = method.term_weights(epoch, recipe.epochs)
-            ce_weight = base_ce * method.ce_scale(epoch, recipe.epochs)
-            sums: dict[str, torch.Tensor] = {}
-            n_steps = 0
-            trainee.train()
-            t0 = time.perf_counter()
-            for x, y in data.train_batches(epoch, seed, recipe.batch_size, device, rank, world):
-                with accelerator.autocast():
-                    t_taps = None
-                    if teacher_rec is not None:
-                        with torch.inference_mode():
-                            t_taps = teacher_rec.collect(teacher(x))
-                        # clones leave inference mode, so autograd may save them for backward
-                        t_taps = {k: v.clone() for k, v in t_taps.items()}
-                    logits, terms = trainee(x, t_taps)
-                    loss_parts = {}
-                    if ce_weight:
-                        terms["ce"] = F.cross_entropy(logits.float(), y)
-                        loss_parts["ce"] = ce_weight * terms["ce"]
-                    for name, w in weights.items():
-                        if w:
-                            loss_parts[name] = w * terms[name]
-                    loss = sum(loss_parts.values())
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                for name, value in {**terms, "loss": loss}.items():
-                    sums[name] = sums.get(name, 0) + value.detach().float()
-                n_steps += 1
-                if accelerator.trackers:  # only when asked: logging reads the values back
-                    accelerator.log({f"train/{k}": v.item() for k, v in terms.items()}
-                                    | {"train/loss": loss.item()}, step=epoch * steps + n_steps)
-                images += x.shape[0] * world
-                bar.update(1)
-            train_s += time.perf_counter() - t0
-            record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-            record.update({k: v.item() / max(n_steps, 1) for k, v in sums.items()})
-            if not math.isfinite(record.get("loss", 0.0)):
-                raise DivergedError(f"loss became {record['loss']} in epoch {epoch + 1}")
-            scheduler.step()
-            record.update(evaluate(accelerator, accelerator.unwrap_model(trainee).student,
-                                   data, recipe.eval_batch_size))
-            history.append(record)
-            if accelerator.trackers:
-                accelerator.log({f"test/{k}": record[k] for k in ("top1", "top5")},
-                                step=(epoch + 1) * steps)
-            if on_epoch is not None and accelerator.is_main_process:
-                on_epoch(history)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}")
-            if checkpoint is not None and accelerator.is_main_process:
-                atomic.torch_save(checkpoint, {
-                    "trainee": accelerator.unwrap_model(trainee).state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "history": history, "train_s": train_s, "images": images,
-                })
-    finally:
-        bar.close()
-        if teacher_rec is not None:
-            teacher_rec.remove()
-    model = accelerator.unwrap_model(trainee).student
-    return TrainResult(model, history, time.perf_counter() - started, train_s, images)
+    (result,) = train_cohort(data, student_spec, [method], recipe, seed, accelerator, teacher,
+                             [checkpoint], desc, [on_epoch])
+    if result.error is not None:
+        raise result.error
+    return result

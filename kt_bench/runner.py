@@ -18,7 +18,7 @@ from kt_bench import atomic
 from kt_bench.cells import Cell
 from kt_bench.data import load_dataset
 from kt_bench.data.bundle import DataBundle
-from kt_bench.engine import DivergedError, train
+from kt_bench.engine import DivergedError, TrainResult, train_cohort
 from kt_bench.errors import KtBenchError
 from kt_bench.locks import FileLock
 from kt_bench.method import build_method
@@ -58,55 +58,79 @@ def _tracker_config(cell: Cell) -> dict[str, Any]:
             "epochs": cell.recipe.epochs, "lr": cell.recipe.lr, **dict(cell.params)}
 
 
-def run_cell(cell: Cell, out: Path, accelerator: Accelerator, teacher_cache: Path,
-             data: DataBundle) -> dict[str, Any]:
-    """Train one cell (its teacher first, from the cache if there) and return its row.
+def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None,
+             world_size: int, teacher_top1: float | None) -> dict[str, Any]:
+    row = base_row(cell, world_size)
+    if teacher_top1 is not None:
+        row["teacher_top1"] = teacher_top1
+    if error is None and result is not None:
+        row.update(top1=result.top1, top5=result.top5, top1_best=result.top1_best,
+                   wall_s=result.wall_s, images_per_s=result.images_per_s, status="ok",
+                   error="")
+    elif isinstance(error, DivergedError):
+        row.update(status="diverged", error=_one_line(error))
+    elif isinstance(error, torch.cuda.OutOfMemoryError):
+        row.update(status="oom", error=_one_line(error))
+    else:
+        row.update(status="failed", error=_one_line(error))
+    return row
 
-    The cell's folder receives its resolved ``config.json``, ``metrics.jsonl`` and
+
+def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
+              data: DataBundle) -> list[dict[str, Any]]:
+    """Train cells that differ only in method together (a cohort; one cell is a solo run)
+    and return their rows. Their teacher comes first, from the cache if there.
+
+    Each cell's folder receives its resolved ``config.json``, ``metrics.jsonl`` and
     ``log.txt`` (both rewritten after every epoch) and its last ``checkpoint.pt``.
     """
-    cell_dir = out / "cells" / cell.cell_id
     main = accelerator.is_main_process
-    if main:
-        atomic.write_json(cell_dir / "config.json", cell.config())
-        resume = " (resuming from checkpoint.pt)" if (cell_dir / "checkpoint.pt").exists() else ""
-        _log_line(cell_dir, f"start host={socket.gethostname()} pid={os.getpid()}{resume}")
-    row = base_row(cell, accelerator.num_processes)
+    dirs = [out / "cells" / c.cell_id for c in cells]
+    for cell, cell_dir in zip(cells, dirs, strict=True):
+        if main:
+            atomic.write_json(cell_dir / "config.json", cell.config())
+            resume = " (resuming from checkpoint.pt)" if (cell_dir / "checkpoint.pt").exists() \
+                else ""
+            cohort = f" in a cohort of {len(cells)}" if len(cells) > 1 else ""
+            _log_line(cell_dir, f"start host={socket.gethostname()} pid={os.getpid()}"
+                                f"{cohort}{resume}")
 
-    def on_epoch(history: list[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
-        atomic.write_text(cell_dir / "metrics.jsonl", lines)
-        last = history[-1]
-        _log_line(cell_dir, f"epoch {last['epoch']}: loss {last['loss']:.4f} "
-                            f"top1 {last['top1']:.2f}")
+    def logger(cell_dir: Path):
+        def on_epoch(history: list[dict[str, Any]]) -> None:
+            lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
+            atomic.write_text(cell_dir / "metrics.jsonl", lines)
+            last = history[-1]
+            _log_line(cell_dir, f"epoch {last['epoch']}: loss {last['loss']:.4f} "
+                                f"top1 {last['top1']:.2f}")
+        return on_epoch
 
     if accelerator.log_with:  # a run of its own per cell, in <out>/tracking/<cell_id>
-        accelerator.init_trackers(cell.cell_id, config=_tracker_config(cell))
+        accelerator.init_trackers(cells[0].cell_id, config=_tracker_config(cells[0]))
+    teacher_top1 = None
     try:
-        teacher, t_metrics = get_teacher(cell, data, accelerator, teacher_cache)
-        row["teacher_top1"] = t_metrics["top1"]
-        method = build_method(cell.method, cell.method_config)
-        result = train(data, cell.student, method, cell.recipe, cell.seed, accelerator,
-                       teacher=teacher, checkpoint=cell_dir / "checkpoint.pt",
-                       desc=f"{cell.method} s{cell.seed}", on_epoch=on_epoch)
-        row.update(top1=result.top1, top5=result.top5, top1_best=result.top1_best,
-                   wall_s=result.wall_s, images_per_s=result.images_per_s, status="ok", error="")
-    except DivergedError as exc:
-        row.update(status="diverged", error=_one_line(exc))
-    except torch.cuda.OutOfMemoryError as exc:
-        row.update(status="oom", error=_one_line(exc))
+        teacher, t_metrics = get_teacher(cells[0], data, accelerator, teacher_cache)
+        teacher_top1 = t_metrics["top1"]
+        methods = [build_method(c.method, c.method_config) for c in cells]
+        desc = (f"{cells[0].method} s{cells[0].seed}" if len(cells) == 1
+                else f"cohort of {len(cells)} s{cells[0].seed}")
+        results = train_cohort(data, cells[0].student, methods, cells[0].recipe, cells[0].seed,
+                               accelerator, teacher, [d / "checkpoint.pt" for d in dirs], desc,
+                               [logger(d) for d in dirs])
+        rows = [_row_for(c, r, r.error, accelerator.num_processes, teacher_top1)
+                for c, r in zip(cells, results, strict=True)]
     except (KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:  # noqa: BLE001 - a failed cell is recorded and the grid goes on
-        row.update(status="failed", error=_one_line(exc))
+    except Exception as exc:  # noqa: BLE001 - failed cells are recorded and the grid goes on
+        rows = [_row_for(c, None, exc, accelerator.num_processes, teacher_top1) for c in cells]
     finally:
         # finish this cell's trackers (end_training would also end a distributed run)
         for tracker in accelerator.trackers:
             tracker.finish()
         accelerator.trackers.clear()
     if main:
-        _log_line(cell_dir, f"end status={row['status']} {row.get('error', '')}".rstrip())
-    return row
+        for row, cell_dir in zip(rows, dirs, strict=True):
+            _log_line(cell_dir, f"end status={row['status']} {row.get('error', '')}".rstrip())
+    return rows
 
 
 def read_rows(out: Path) -> pd.DataFrame:
@@ -141,52 +165,93 @@ def finished_row(out: Path, cell: Cell) -> dict[str, Any] | None:
     return None
 
 
+def cohort_key(cell: Cell) -> str:
+    """Cells with equal keys differ only in method and can train as one cohort."""
+    return json.dumps([cell.dataset.to_dict(), cell.teacher_config(), cell.student.to_dict(),
+                       cell.seed, cell.recipe.to_dict(), cell.precision], sort_keys=True)
+
+
+def _groups(pending: list[tuple[int, Cell]], cohort: bool) -> list[list[tuple[int, Cell]]]:
+    if not cohort:
+        return [[item] for item in pending]
+    groups: dict[str, list[tuple[int, Cell]]] = {}
+    for item in pending:
+        groups.setdefault(cohort_key(item[1]), []).append(item)
+    return list(groups.values())
+
+
 def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
               data_root: str | None = None,
               on_row: Callable[[int, dict[str, Any]], None] | None = None,
-              poll_s: float = 2.0) -> list[dict[str, Any]]:
+              poll_s: float = 2.0, cohort: bool = True) -> list[dict[str, Any]]:
     """Run every cell not finished yet; return the rows of ``cells`` (old and new) in order.
 
     A cell whose row exists with status ok or diverged is skipped; a failed cell is run again.
-    Each cell is locked while it runs: a cell another runner holds is left for later and
-    waited for, so runners sharing ``out`` run every cell once.
+    With ``cohort``, cells that differ only in method train together (one teacher pass per
+    batch for all of them); tracking (``--log-with``) runs cells one at a time. Each cell is
+    locked while it runs: a cell another runner holds is left for later and waited for, so
+    runners sharing ``out`` run every cell once.
     """
+    cohort = cohort and not accelerator.log_with
     datasets: dict[str, DataBundle] = {}
     rows: dict[int, dict[str, Any]] = {}
+
+    def record(i: int, row: dict[str, Any]) -> None:
+        rows[i] = row
+        if on_row:
+            on_row(i, row)
+
     pending = list(enumerate(cells))
     while pending:
         deferred = []
-        for i, cell in pending:
-            lock = FileLock(out / "cells" / cell.cell_id / "lock")
-            if finished_row(out, cell) is None and not lock.acquire(blocking=False):
-                deferred.append((i, cell))
-                continue
+        for group in _groups(pending, cohort):
+            mine, locks = [], []
+            for i, cell in group:
+                lock = FileLock(out / "cells" / cell.cell_id / "lock")
+                if finished_row(out, cell) is None and not lock.acquire(blocking=False):
+                    deferred.append((i, cell))
+                    continue
+                row = finished_row(out, cell)  # checked again, now under the lock
+                if row is not None:
+                    lock.release()
+                    record(i, row)
+                    continue
+                mine.append((i, cell))
+                locks.append(lock)
             try:
-                row = finished_row(out, cell) or _run_one(cell, out, accelerator,
-                                                          teacher_cache, data_root, datasets)
+                if mine:
+                    new = _run_cells_now([c for _, c in mine], out, accelerator, teacher_cache,
+                                         data_root, datasets)
+                    for (i, _), row in zip(mine, new, strict=True):
+                        record(i, row)
             finally:
-                lock.release()
-            rows[i] = row
-            if on_row:
-                on_row(i, row)
+                for lock in locks:
+                    lock.release()
         if len(deferred) == len(pending):
             time.sleep(poll_s)  # every remaining cell is running elsewhere
         pending = deferred
     return [rows[i] for i in range(len(cells))]
 
 
-def _run_one(cell: Cell, out: Path, accelerator: Accelerator, teacher_cache: Path,
-             data_root: str | None, datasets: dict[str, DataBundle]) -> dict[str, Any]:
-    key = json.dumps(cell.dataset.to_dict(), sort_keys=True)
+def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
+                   data_root: str | None, datasets: dict[str, DataBundle]) -> list[dict]:
+    """Run ``cells`` (one cohort) and write their rows; a cohort that runs out of GPU memory
+    is run again one cell at a time (each resuming from its checkpoint)."""
+    key = json.dumps(cells[0].dataset.to_dict(), sort_keys=True)
     try:
         if key not in datasets:
-            datasets[key] = load_dataset(cell.dataset, data_root)
+            datasets[key] = load_dataset(cells[0].dataset, data_root)
     except KtBenchError as exc:
-        row = {**base_row(cell, accelerator.num_processes), "status": "failed",
-               "error": _one_line(exc)}
+        rows = [{**base_row(c, accelerator.num_processes), "status": "failed",
+                 "error": _one_line(exc)} for c in cells]
     else:
-        row = run_cell(cell, out, accelerator, teacher_cache, datasets[key])
+        rows = run_group(cells, out, accelerator, teacher_cache, datasets[key])
+        if len(cells) > 1 and any(r["status"] == "oom" for r in rows):
+            torch.cuda.empty_cache()
+            rows = [run_group([c], out, accelerator, teacher_cache, datasets[key])[0]
+                    if r["status"] == "oom" else r for c, r in zip(cells, rows, strict=True)]
     if accelerator.is_main_process:
-        atomic.write_json(out / "cells" / cell.cell_id / "result.json", row)
+        for cell, row in zip(cells, rows, strict=True):
+            atomic.write_json(out / "cells" / cell.cell_id / "result.json", row)
         write_results_csv(out)
-    return row
+    return rows

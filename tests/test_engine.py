@@ -147,5 +147,39 @@ def test_epoch_batches_split_one_global_batch_over_processes():
 def test_unknown_device_and_precision_are_one_line_errors():
     with pytest.raises(KtBenchError, match="unknown device 'tpu'; accepted: auto, cpu, cuda"):
         make_accelerator("tpu")
-    with pytest.raises(KtBenchError, match="unknown precision 'fp8'; accepted: no, bf16, fp16"):
+    with pytest.raises(KtBenchError,
+                       match="unknown precision 'fp8'; accepted: auto, no, bf16, fp16"):
         make_accelerator("cpu", "fp8")
+
+
+def test_a_cohort_gives_each_student_the_solo_run_numbers_bit_for_bit(data, teacher):
+    from kt_bench.engine import train_cohort
+
+    acc = make_accelerator("cpu")
+    names = ["student", "kd", "fitnet", "at", "nst_linear", "nst_poly", "nst_gauss",
+             "kd+nst_poly"]
+    cohort = train_cohort(data, STUDENT, [build_method(n) for n in names], RECIPE, 4, acc,
+                          teacher)
+    for name, together in zip(names, cohort, strict=True):
+        alone = train(data, STUDENT, build_method(name), RECIPE, 4, acc, teacher)
+        assert together.error is None and together.history == alone.history, name
+        pa, pb = _params(together.model), _params(alone.model)
+        assert all(torch.equal(pa[k], pb[k]) for k in pa), name
+
+
+def test_a_failing_student_stops_alone_in_its_cohort(data, teacher):
+    from kt_bench.engine import train_cohort
+
+    @register_method("nan_in_cohort")
+    class NaNMethod(KD):
+        """Returns NaN."""
+
+        def loss_terms(self, student, teacher):
+            return {self.name: student["logits"].sum() * float("nan")}
+
+    methods = [build_method("nan_in_cohort"), build_method("kd")]
+    results = train_cohort(data, STUDENT, methods, RECIPE, 0, make_accelerator("cpu"), teacher)
+    assert isinstance(results[0].error, DivergedError) and results[1].error is None
+    assert len(results[1].history) == RECIPE.epochs
+    assert results[1].history == train(data, STUDENT, build_method("kd"), RECIPE, 0,
+                                       make_accelerator("cpu"), teacher).history

@@ -182,3 +182,19 @@ def test_tensorboard_tracking_logs_every_term(tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"train/kd", "train/nst_poly", "train/ce", "train/loss", "test/top1"} <= tags
     assert len(acc.Scalars("train/kd")) == 2 * 3  # 2 epochs x 3 steps
+
+
+def test_cohort_rows_equal_solo_rows(tmp_path, capsys):
+    methods = ("student", "kd", "fitnet", "at", "nst_linear", "nst_poly", "nst_gauss",
+               "kd+nst_poly")
+    grid = write_tiny_grid(tmp_path, methods=methods, seeds=(0, 1))
+    outs = {}
+    for name, extra in (("cohort", []), ("solo", ["--no-cohort"])):
+        outs[name] = tmp_path / name
+        assert main(["run", "--grid", str(grid), "--out", str(outs[name]), "--no-report",
+                     *extra]) == 0
+    logs = [p.read_text() for p in outs["cohort"].glob("cells/*/log.txt")]
+    assert all("in a cohort of 8" in log for log in logs) and len(logs) == 16
+    a, b = (pd.read_csv(outs[n] / "results.csv").drop(columns=TIMING).sort_values("cell_id")
+            .reset_index(drop=True) for n in ("cohort", "solo"))
+    pd.testing.assert_frame_equal(a, b)
