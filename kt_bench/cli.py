@@ -165,6 +165,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure training images/s of a plain loop, the engine solo and the cohort."""
+    import json
+
+    from kt_bench.bench import BenchConfig, format_result, run_bench
+    from kt_bench.engine import resolve_precision
+    from kt_bench.method import build_method
+    from kt_bench.plugins import load_plugins
+
+    load_plugins(args.plugins)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for m in methods:
+        build_method(m)
+    for flag in ("batch_size", "steps", "repeats"):
+        if getattr(args, flag) < 1:
+            raise KtBenchError(f"--{flag.replace('_', '-')} must be >= 1")
+    cfg = BenchConfig(args.teacher, args.student, methods, args.dataset, args.batch_size,
+                      args.steps, args.warmup, args.repeats, args.device,
+                      resolve_precision(args.precision, args.device), args.workers,
+                      not args.no_nst)
+    result = run_bench(cfg)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kt-bench``."""
     parser = argparse.ArgumentParser(
@@ -209,6 +234,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip writing report.md, tables and plots at the end")
     plugins_arg(p_run)
     p_run.set_defaults(func=cmd_run)
+
+    from kt_bench.bench import DEMO_METHODS
+
+    p_bench = sub.add_parser("bench", help="training images/s: plain loop vs engine vs cohort")
+    p_bench.add_argument("--teacher", default="resnet56")
+    p_bench.add_argument("--student", default="resnet20")
+    p_bench.add_argument("--methods", default=",".join(DEMO_METHODS),
+                         help="comma-separated methods (default: the 8 demo methods)")
+    p_bench.add_argument("--dataset", help="a uint8 image dataset (cifar10, cifar100) instead "
+                                           "of random CIFAR-shaped data")
+    p_bench.add_argument("--batch-size", type=int, default=64)
+    p_bench.add_argument("--steps", type=int, default=20, help="steps per timed epoch")
+    p_bench.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
+    p_bench.add_argument("--repeats", type=int, default=3, help="timed epochs (median)")
+    p_bench.add_argument("--workers", type=int, help="the plain loop's DataLoader workers "
+                                                     "(default: min(8, CPUs))")
+    p_bench.add_argument("--device", default="auto")
+    p_bench.add_argument("--precision", default="auto")
+    p_bench.add_argument("--no-nst", action="store_true", help="skip the NST loss timing")
+    p_bench.add_argument("--json", action="store_true", help="print one JSON object")
+    plugins_arg(p_bench)
+    p_bench.set_defaults(func=cmd_bench)
 
     p_rep = sub.add_parser("report", help="write tables and plots of a run folder")
     p_rep.add_argument("dir", help="a run's output folder")

@@ -1,0 +1,292 @@
+"""``kt-bench bench``: training throughput of a plain PyTorch loop, the engine solo and the
+engine's cohort, measured in one run, with the ratios between them.
+
+(a) *plain*: the loop the common reference repositories write: a DataLoader with worker
+processes applying torchvision's per-image transforms (PIL crop with padding, flip, to tensor,
+normalise), the teacher's forward under ``no_grad``, the student's forward, the method's loss,
+backward and step, one method after another. (b) *solo*: the kt-bench engine, one method
+after another. (c) *cohort*: the engine training all methods' students in one pass.
+Each is timed per epoch; the first ``warmup`` epochs are dropped and the median of the rest
+is used. Networks start from their random initialisation (speed does not depend on it).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kt_bench.config import Recipe
+from kt_bench.data.augment import random_crop_flip
+from kt_bench.data.bundle import Split, TensorData, channel_stats, load_dataset
+from kt_bench.engine import _tap_shapes, make_accelerator, train, train_cohort
+from kt_bench.errors import KtBenchError
+from kt_bench.method import build_method
+from kt_bench.methods.nst import nst_loss
+from kt_bench.models import build_model
+from kt_bench.spec import Spec
+from kt_bench.taps import TapRecorder
+
+DEMO_METHODS = ["student", "kd", "fitnet", "at", "nst_linear", "nst_poly", "nst_gauss",
+                "kd+nst_poly"]
+
+
+@dataclass
+class BenchConfig:
+    """What to measure."""
+
+    teacher: str = "resnet56"
+    student: str = "resnet20"
+    methods: tuple[str, ...] = tuple(DEMO_METHODS)
+    dataset: str | None = None
+    batch_size: int = 64
+    steps: int = 20
+    warmup: int = 1
+    repeats: int = 3
+    device: str = "auto"
+    precision: str = "no"
+    workers: int | None = None
+    nst: bool = True
+
+
+def random_cifar(n: int, num_classes: int = 10, seed: int = 0) -> TensorData:
+    """``n`` random uint8 32x32 RGB images with CIFAR's augmentation."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    mean, std = channel_stats(images)
+    test = Split(images[:64], labels[:64])
+    return TensorData("random-cifar", Split(images, labels), test, num_classes,
+                      lambda x, g: random_crop_flip(x, g, pad=4, flip=True), mean, std)
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """uint8 images served the torchvision way: PIL image, per-image transforms."""
+
+    def __init__(self, data: TensorData) -> None:
+        from torchvision import transforms as T
+
+        self.images = data.train.images.permute(0, 2, 3, 1).numpy()  # N, H, W, C as on disk
+        self.labels = data.train.labels.tolist()
+        self.transform = T.Compose([T.RandomCrop(self.images.shape[1], padding=4),
+                                    T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(data.mean, data.std)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def _median_rate(images: int, seconds: list[float], warmup: int) -> tuple[float, float]:
+    kept = seconds[warmup:] or seconds
+    t = statistics.median(kept)
+    return images / t, t
+
+
+def plain_loop(cfg: BenchConfig, data: TensorData, method_name: str, device: torch.device,
+               workers: int) -> list[float]:
+    """Epoch times of the reference-style loop for one method."""
+    torch.manual_seed(0)
+    teacher = build_model(cfg.teacher, data.num_classes).to(device).eval()
+    student = build_model(cfg.student, data.num_classes).to(device)
+    method = build_method(method_name)
+    t_rec = None
+    if method.needs_teacher:
+        probe = data.probe().to(device)
+        method.setup(_tap_shapes(student, method.taps, probe),
+                     _tap_shapes(teacher, method.taps, probe))
+        t_rec = TapRecorder(teacher, teacher.tap_map, method.taps)
+    method.to(device)
+    s_rec = TapRecorder(student, student.tap_map, method.taps)
+    params = list(student.parameters()) + list(method.parameters())
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(_PILDataset(data), batch_size=cfg.batch_size,
+                                         shuffle=True, num_workers=workers, drop_last=True,
+                                         pin_memory=device.type == "cuda")
+    weights = method.term_weights(0, 1)
+    times = []
+    for _ in range(cfg.warmup + cfg.repeats):
+        student.train()
+        method.train()
+        t0 = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            t_taps = None
+            if t_rec is not None:
+                with torch.no_grad():
+                    t_taps = t_rec.collect(teacher(x))
+            s_taps = s_rec.collect(student(x))
+            loss = F.cross_entropy(s_taps["logits"], y)
+            if t_taps is not None:
+                terms = method.loss_terms(s_taps, t_taps)
+                loss = loss + sum(w * terms[k] for k, w in weights.items() if w)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def teacher_forward_times(cfg: BenchConfig, data: TensorData, accelerator) -> list[float]:
+    """Epoch times of the teacher's forward alone (as the engine runs it), for the bound."""
+    device = accelerator.device
+    teacher = build_model(cfg.teacher, data.num_classes).to(device).eval()
+    times = []
+    for epoch in range(cfg.warmup + cfg.repeats):
+        batches = list(data.train_batches(epoch, 0, cfg.batch_size, device))
+        t0 = time.perf_counter()
+        for x, _ in batches:
+            with accelerator.autocast(), torch.inference_mode():
+                teacher(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def nst_timing(device: torch.device, reps: int = 5) -> dict[str, float]:
+    """Forward + backward time of NST-poly at the paper's ImageNet shape (teacher 2048x7x7,
+    student 1024x7x7, batch 64): the form chosen by shape against the direct kernel form."""
+    gen = torch.Generator().manual_seed(0)
+    f_t = torch.randn(64, 2048, 7, 7, generator=gen).to(device)
+    f_s = torch.randn(64, 1024, 7, 7, generator=gen).to(device).requires_grad_(True)
+    out = {}
+    for form in ("auto", "kernel"):
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            nst_loss(f_s, f_t, kernel="poly", form=form).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            f_s.grad = None
+        out[form] = statistics.median(times[1:]) * 1000
+    return {"nst_auto_ms": out["auto"], "nst_kernel_ms": out["kernel"],
+            "nst_speedup": out["kernel"] / out["auto"]}
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _data(cfg: BenchConfig) -> TensorData:
+    n = cfg.batch_size * cfg.steps
+    if cfg.dataset is None:
+        return random_cifar(n)
+    data = load_dataset(cfg.dataset)
+    if not isinstance(data, TensorData) or data.train.images.dtype != torch.uint8:
+        raise KtBenchError(f"bench --dataset needs an image dataset held as uint8 "
+                           f"(cifar10, cifar100), not '{cfg.dataset}'")
+    if data.n_train < n:
+        raise KtBenchError(f"{cfg.dataset} has {data.n_train} training images; the bench "
+                           f"needs batch_size x steps = {n}")
+    data.train = Split(data.train.images[:n], data.train.labels[:n])
+    data.test = Split(data.test.images[:64], data.test.labels[:64])
+    return data
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure (a) plain, (b) solo, (c) cohort training images/s and their ratios."""
+    data = _data(cfg)
+    accelerator = make_accelerator(cfg.device, cfg.precision)
+    device = accelerator.device
+    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    n = cfg.batch_size * cfg.steps
+    recipe = Recipe(epochs=cfg.warmup + cfg.repeats, batch_size=cfg.batch_size, lr=0.05,
+                    schedule="constant", eval_batch_size=64)
+    student, teacher_spec = Spec(cfg.student), Spec(cfg.teacher)
+    teacher = build_model(teacher_spec, data.num_classes)
+    k = len(cfg.methods)
+    result: dict[str, Any] = {"teacher": cfg.teacher, "student": cfg.student,
+                              "methods": list(cfg.methods), "device": str(device),
+                              "precision": cfg.precision, "batch_size": cfg.batch_size,
+                              "images_per_epoch": n, "workers": workers}
+
+    _reset_peak(device)
+    plain_t = [_median_rate(n, plain_loop(cfg, data, m, device, workers), cfg.warmup)[1]
+               for m in cfg.methods]
+    result["plain_ips"] = k * n / sum(plain_t)
+    result["plain_peak_mem_mb"] = _peak_mb(device)
+
+    _reset_peak(device)
+    solo_t = [_median_rate(n, train(data, student, build_method(m), recipe, 0, accelerator,
+                                    teacher, desc=f"solo {m}").epoch_s, cfg.warmup)[1]
+              for m in cfg.methods]
+    result["solo_ips"] = k * n / sum(solo_t)
+    result["solo_peak_mem_mb"] = _peak_mb(device)
+
+    _reset_peak(device)
+    cohort = train_cohort(data, student, [build_method(m) for m in cfg.methods], recipe, 0,
+                          accelerator, teacher, desc="cohort")
+    errors = [r.error for r in cohort if r.error is not None]
+    if errors:
+        raise KtBenchError(f"the cohort failed: {errors[0]}")
+    cohort_t = _median_rate(n, cohort[0].epoch_s, cfg.warmup)[1]
+    result["cohort_ips"] = k * n / cohort_t
+    result["cohort_peak_mem_mb"] = _peak_mb(device)
+    result["peak_mem_mb"] = max(result[f"{p}_peak_mem_mb"] for p in ("plain", "solo", "cohort"))
+
+    t_teacher = statistics.median(teacher_forward_times(cfg, data, accelerator)[cfg.warmup:])
+    # Sharing the teacher's forward over k students saves (k - 1) teacher passes per batch.
+    result["teacher_epoch_s"] = t_teacher
+    result["cohort_bound"] = sum(solo_t) / max(sum(solo_t) - (k - 1) * t_teacher, 1e-9)
+    result["solo_vs_plain"] = result["solo_ips"] / result["plain_ips"]
+    result["cohort_vs_solo"] = result["cohort_ips"] / result["solo_ips"]
+    result["cohort_vs_plain"] = result["cohort_ips"] / result["plain_ips"]
+    result["cohort_of_bound"] = result["cohort_vs_solo"] / result["cohort_bound"]
+    if cfg.nst:
+        result.update(nst_timing(device))
+    return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """A human-readable summary of :func:`run_bench`'s result."""
+    from tabulate import tabulate
+
+    rows = [
+        ["(a) plain PyTorch loop", f"{r['plain_ips']:.0f}", "1.00",
+         f"{r['plain_peak_mem_mb']:.0f}"],
+        ["(b) kt-bench engine, solo", f"{r['solo_ips']:.0f}", f"{r['solo_vs_plain']:.2f}",
+         f"{r['solo_peak_mem_mb']:.0f}"],
+        [f"(c) kt-bench cohort of {len(r['methods'])}", f"{r['cohort_ips']:.0f}",
+         f"{r['cohort_vs_plain']:.2f}", f"{r['cohort_peak_mem_mb']:.0f}"],
+    ]
+    lines = [
+        f"{r['teacher']} -> {r['student']}, {len(r['methods'])} methods, batch "
+        f"{r['batch_size']}, {r['images_per_epoch']} images per epoch, on {r['device']} "
+        f"(precision {r['precision']}; plain loop with {r['workers']} DataLoader workers)",
+        tabulate(rows, headers=["", "train images/s (all students)", "vs plain",
+                                "peak memory MB"], tablefmt="github", disable_numparse=True),
+        f"solo vs plain: {r['solo_vs_plain']:.2f}x; cohort vs solo: {r['cohort_vs_solo']:.2f}x "
+        f"(bound from the measured teacher forward, {r['teacher_epoch_s']:.2f} s/epoch: "
+        f"{r['cohort_bound']:.2f}x; reached {r['cohort_of_bound']:.0%} of it)",
+    ]
+    if not r["device"].startswith("cuda"):
+        lines.append("(peak memory on the CPU is the process's peak resident size so far, so "
+                     "it can only grow from (a) to (c))")
+    if "nst_auto_ms" in r:
+        lines.append(f"NST-poly loss at the paper's ImageNet shape (64 x 2048x7x7 teacher, "
+                     f"1024x7x7 student), forward+backward: {r['nst_auto_ms']:.1f} ms (form "
+                     f"chosen by shape) vs {r['nst_kernel_ms']:.1f} ms (direct kernel form): "
+                     f"{r['nst_speedup']:.1f}x")
+    return "\n".join(lines)
+
