@@ -62,3 +62,31 @@ def test_synthetic_dataset_has_the_asked_shape():
                                            "num_classes": 4}))
     assert data.train.images.shape == (20, 3, 8, 8)
     assert set(data.test.labels.tolist()) == {0, 1, 2, 3}
+
+
+def test_batched_crop_flip_matches_torchvision_transform_statistics():
+    """Where the image's centre pixel lands, over many draws: ours vs RandomCrop(padding) +
+    RandomHorizontalFlip applied per image by torchvision."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    size, pad, n = 8, 2, 3000
+    img = torch.zeros(1, size, size, dtype=torch.uint8)
+    img[0, 3, 5] = 255  # one bright pixel, off-centre so flips show
+
+    def histogram(outs: torch.Tensor) -> torch.Tensor:
+        pos = outs.flatten(1).argmax(1)
+        return torch.bincount(pos, minlength=size * size).float() / len(outs)
+
+    ours = random_crop_flip(img.expand(n, 3, size, size).clone(),
+                            torch.Generator().manual_seed(0), pad=pad, flip=True)
+    tv = T.Compose([T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip(), T.PILToTensor()])
+    torch.manual_seed(0)
+    pil = Image.fromarray(img.expand(3, size, size).permute(1, 2, 0).numpy())
+    theirs = torch.stack([tv(pil) for _ in range(n)])
+    h_ours, h_theirs = histogram(ours[:, :1]), histogram(theirs[:, :1])
+    # rows 1..5 x columns 3..7 unflipped and 0..4 flipped (columns 3, 4 in both): 5 x 8
+    assert torch.equal(h_ours > 0, h_theirs > 0) and (h_ours > 0).sum() == 40
+    assert torch.allclose(h_ours, h_theirs, atol=0.015)
+    # mean pixel intensity (the padding is black in both)
+    assert abs(ours.float().mean() - theirs.float().mean()) < 0.5
