@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from kt_bench.config import Recipe
 from kt_bench.data.augment import random_crop_flip
 from kt_bench.data.bundle import Split, TensorData, channel_stats, load_dataset
-from kt_bench.engine import _tap_shapes, make_accelerator, train, train_cohort
+from kt_bench.engine import make_accelerator, tap_shapes, train, train_cohort
 from kt_bench.errors import KtBenchError
 from kt_bench.method import build_method
 from kt_bench.methods.nst import nst_loss
@@ -103,8 +103,8 @@ def plain_loop(cfg: BenchConfig, data: TensorData, method_name: str, device: tor
     t_rec = None
     if method.needs_teacher:
         probe = data.probe().to(device)
-        method.setup(_tap_shapes(student, method.taps, probe),
-                     _tap_shapes(teacher, method.taps, probe))
+        method.setup(tap_shapes(student, method.taps, probe),
+                     tap_shapes(teacher, method.taps, probe))
         t_rec = TapRecorder(teacher, teacher.tap_map, method.taps)
     method.to(device)
     s_rec = TapRecorder(student, student.tap_map, method.taps)

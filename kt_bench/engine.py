@@ -155,7 +155,8 @@ def evaluate(accelerator: Accelerator, model: nn.Module, data: DataBundle, batch
     return {"top1": top1, "top5": top5}
 
 
-def _tap_shapes(model: nn.Module, taps: tuple[str, ...], x: torch.Tensor) -> dict[str, torch.Size]:
+def tap_shapes(model: nn.Module, taps: tuple[str, ...], x: torch.Tensor) -> dict[str, torch.Size]:
+    """The shapes of ``model``'s ``taps`` on input ``x`` (eval mode, no gradients)."""
     recorder = TapRecorder(model, model.tap_map, taps)
     was_training = model.training
     model.eval()
@@ -199,8 +200,8 @@ def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: R
     if method.needs_teacher:
         probe = data.probe()
         set_seed(derived_seed(seed, 2))  # the method's own parameters
-        method.setup(_tap_shapes(student, method.taps, probe),
-                     _tap_shapes(teacher, method.taps, probe.to(next(teacher.parameters()).device)))
+        method.setup(tap_shapes(student, method.taps, probe),
+                     tap_shapes(teacher, method.taps, probe.to(next(teacher.parameters()).device)))
     trainee = Trainee(student, method)
     if accelerator.device.type == "cuda":
         trainee = trainee.to(memory_format=torch.channels_last)

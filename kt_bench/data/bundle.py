@@ -9,7 +9,7 @@ order fixed by (seed, epoch) and split over processes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +65,18 @@ class DataBundle:
 
     name: str
     num_classes: int
-    n_train: int
-    n_test: int
+    train: Sized
+    test: Sized
+
+    @property
+    def n_train(self) -> int:
+        """Training samples."""
+        return len(self.train)
+
+    @property
+    def n_test(self) -> int:
+        """Test samples."""
+        return len(self.test)
 
     def train_batches(self, epoch: int, seed: int, batch_size: int, device: torch.device,
                       rank: int = 0, world: int = 1) -> Iterator[Batch]:
@@ -100,14 +110,6 @@ class TensorData(DataBundle):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def n_train(self) -> int:  # type: ignore[override]
-        return len(self.train)
-
-    @property
-    def n_test(self) -> int:  # type: ignore[override]
-        return len(self.test)
 
     @property
     def in_channels(self) -> int:
@@ -193,14 +195,6 @@ class LoaderData(DataBundle):
     test: torch.utils.data.Dataset
     num_classes: int
     workers: int = 4
-
-    @property
-    def n_train(self) -> int:  # type: ignore[override]
-        return len(self.train)
-
-    @property
-    def n_test(self) -> int:  # type: ignore[override]
-        return len(self.test)
 
     def _loader(self, dataset, batches: list[list[tuple[int, int]]], device: torch.device):
         return torch.utils.data.DataLoader(SeededSamples(dataset), batch_sampler=batches,
