@@ -39,8 +39,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.kind == "methods":
         from kt_bench.method import METHODS
 
-        rows = [(n, c.default_weight, ", ".join(c().taps) or "-", _first_line(c))
-                for n, c in METHODS.items()]
+        def taps(cls) -> str:
+            try:
+                return ", ".join(cls().taps) or "-"
+            except Exception:  # noqa: BLE001 - a plugin whose options have no defaults
+                return "(set by its options)"
+
+        rows = [(n, c.default_weight, taps(c), _first_line(c)) for n, c in METHODS.items()]
         headers = ["method", "default weight", "taps", "what"]
     elif args.kind == "models":
         from kt_bench.models import MODELS, build_model, count_parameters
