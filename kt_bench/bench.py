@@ -87,10 +87,9 @@ class _PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def _median_rate(images: int, seconds: list[float], warmup: int) -> tuple[float, float]:
-    kept = seconds[warmup:] or seconds
-    t = statistics.median(kept)
-    return images / t, t
+def _median_seconds(seconds: list[float], warmup: int) -> float:
+    """The median epoch time after the first ``warmup`` epochs."""
+    return statistics.median(seconds[warmup:] or seconds)
 
 
 def plain_loop(cfg: BenchConfig, data: TensorData, method_name: str, device: torch.device,
@@ -222,14 +221,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                               "images_per_epoch": n, "workers": workers}
 
     _reset_peak(device)
-    plain_t = [_median_rate(n, plain_loop(cfg, data, m, device, workers), cfg.warmup)[1]
+    plain_t = [_median_seconds(plain_loop(cfg, data, m, device, workers), cfg.warmup)
                for m in cfg.methods]
     result["plain_ips"] = k * n / sum(plain_t)
     result["plain_peak_mem_mb"] = _peak_mb(device)
 
     _reset_peak(device)
-    solo_t = [_median_rate(n, train(data, student, build_method(m), recipe, 0, accelerator,
-                                    teacher, desc=f"solo {m}").epoch_s, cfg.warmup)[1]
+    solo_t = [_median_seconds(train(data, student, build_method(m), recipe, 0, accelerator,
+                                    teacher, desc=f"solo {m}").epoch_s, cfg.warmup)
               for m in cfg.methods]
     result["solo_ips"] = k * n / sum(solo_t)
     result["solo_peak_mem_mb"] = _peak_mb(device)
@@ -240,7 +239,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     errors = [r.error for r in cohort if r.error is not None]
     if errors:
         raise KtBenchError(f"the cohort failed: {errors[0]}")
-    cohort_t = _median_rate(n, cohort[0].epoch_s, cfg.warmup)[1]
+    cohort_t = _median_seconds(cohort[0].epoch_s, cfg.warmup)
     result["cohort_ips"] = k * n / cohort_t
     result["cohort_peak_mem_mb"] = _peak_mb(device)
     result["peak_mem_mb"] = max(result[f"{p}_peak_mem_mb"] for p in ("plain", "solo", "cohort"))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kt_bench.config import Grid, Recipe
+from kt_bench.errors import KtBenchError
 from kt_bench.method import build_method, split_method_name
 from kt_bench.spec import Spec
 
@@ -109,8 +110,6 @@ def _cell(name: str, leaf: Grid, dataset: Spec, pair, seed: int, method: str,
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     """The cells matching every ``key=value[,value...]`` filter (keys: dataset, teacher,
     student, method, seed; a value matches the name or the full label)."""
-    from kt_bench.errors import KtBenchError
-
     keys = ("dataset", "teacher", "student", "method", "seed")
     for flt in only:
         key, sep, values = flt.partition("=")

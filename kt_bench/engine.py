@@ -194,14 +194,15 @@ class _Member:
 def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: Recipe,
                  seed: int, accelerator: Accelerator, teacher: nn.Module | None,
                  checkpoint: Path | None, on_epoch) -> _Member:
-    """Build one student exactly as a solo run would: the same seeds in the same order."""
+    """Build one student exactly as a solo run would: the same seeds in the same order
+    (``teacher`` is already on the accelerator's device)."""
     set_seed(seed)
     student = build_model(student_spec, data.num_classes, data.in_channels)
     if method.needs_teacher:
         probe = data.probe()
         set_seed(derived_seed(seed, 2))  # the method's own parameters
         method.setup(tap_shapes(student, method.taps, probe),
-                     tap_shapes(teacher, method.taps, probe.to(next(teacher.parameters()).device)))
+                     tap_shapes(teacher, method.taps, probe.to(accelerator.device)))
     trainee = Trainee(student, method)
     if accelerator.device.type == "cuda":
         trainee = trainee.to(memory_format=torch.channels_last)

@@ -81,8 +81,9 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     """Train cells that differ only in method together (a cohort; one cell is a solo run)
     and return their rows. Their teacher comes first, from the cache if there.
 
-    Each cell's folder receives its resolved ``config.json``, ``metrics.jsonl`` and
-    ``log.txt`` (both rewritten after every epoch) and its last ``checkpoint.pt``.
+    Each cell's folder receives its resolved ``config.json``, ``metrics.jsonl`` (rewritten
+    after every epoch), ``log.txt`` (a line per start, epoch and end) and its last
+    ``checkpoint.pt``.
     """
     main = accelerator.is_main_process
     dirs = [out / "cells" / c.cell_id for c in cells]
