@@ -20,6 +20,14 @@ def test_bench_reports_every_figure_and_consistent_ratios():
     assert r["solo_vs_plain"] == pytest.approx(r["solo_ips"] / r["plain_ips"])
     assert r["cohort_vs_solo"] == pytest.approx(r["cohort_ips"] / r["solo_ips"])
     assert r["images_per_epoch"] == 32 and r["methods"] == ["student", "kd", "at"]
+    # The bound: the solo runs' time over what a cohort cannot share. Two of the three
+    # methods use the teacher, so one teacher forward per batch is saved, and two data paths.
+    assert r["methods_with_teacher"] == 2
+    solo_ms = 3 * r["images_per_epoch"] / r["solo_ips"] * 1000 / 2  # per batch, all methods
+    saved_ms = 1 * r["teacher_step_ms"] + 2 * r["data_step_ms"]
+    assert r["cohort_bound"] == pytest.approx(solo_ms / (solo_ms - saved_ms))
+    assert r["student_step_ms"] == pytest.approx(
+        (solo_ms - 2 * r["teacher_step_ms"] - 3 * r["data_step_ms"]) / 3)
 
 
 def test_bench_json_and_bad_input(capsys):
