@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,8 +63,12 @@ def make_accelerator(device: str = "auto", precision: str = "no", log_with: str 
     # Accelerate keeps one process-wide state; a new device or precision needs it reset.
     AcceleratorState._reset_state(reset_partial_state=False)
     try:
+        # A method's parameters, or part of the student, may sit out a stage (FitNet's hint
+        # stage, a loss term weighted 0 in some epochs): DDP must not wait for their grads.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
         accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision,
-                                  log_with=log_with, project_dir=project_dir)
+                                  log_with=log_with, project_dir=project_dir,
+                                  kwargs_handlers=[ddp])
     except (ValueError, ImportError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KtBenchError(f"cannot log with '{log_with}': {first}") from None
@@ -72,6 +76,12 @@ def make_accelerator(device: str = "auto", precision: str = "no", log_with: str 
         raise KtBenchError(f"--log-with {log_with}: that tracker's package is not installed "
                            f"(for TensorBoard: pip install tensorboard)")
     return accelerator
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Images in the channels-last layout, which convolutions run faster in on both CUDA and
+    the CPU (oneDNN); models are converted to it too."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 class Trainee(nn.Module):
@@ -145,7 +155,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, data: DataBundle, batch
     correct = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for x, y in data.test_batches(batch_size, accelerator.device, rank, world):
         with accelerator.autocast():
-            logits = model(x)
+            logits = model(_channels_last(x))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(y[:, None])
         correct[0] += hit[:, 0].sum()
@@ -191,9 +201,21 @@ class _Member:
         return len(self.history)
 
 
+def compile_model(model: nn.Module) -> None:
+    """Compile ``model``'s forward in place with ``torch.compile`` (its state dict keeps its
+    keys, so checkpoints are unchanged)."""
+    # Instances of one class share their compiled code unless Dynamo also guards on the
+    # modules' hooks; without these guards a student would run another's tap hooks.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    # Each student (its hooks) and each mode (train, eval) is a compilation of the same code;
+    # past the default limit of 8, Dynamo would fall back to eager for the rest, unseen.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model.compile()
+
+
 def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: Recipe,
                  seed: int, accelerator: Accelerator, teacher: nn.Module | None,
-                 checkpoint: Path | None, on_epoch) -> _Member:
+                 checkpoint: Path | None, on_epoch, compile: bool) -> _Member:
     """Build one student exactly as a solo run would: the same seeds in the same order
     (``teacher`` is already on the accelerator's device)."""
     set_seed(seed)
@@ -203,9 +225,9 @@ def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: R
         set_seed(derived_seed(seed, 2))  # the method's own parameters
         method.setup(tap_shapes(student, method.taps, probe),
                      tap_shapes(teacher, method.taps, probe.to(accelerator.device)))
-    trainee = Trainee(student, method)
-    if accelerator.device.type == "cuda":
-        trainee = trainee.to(memory_format=torch.channels_last)
+    trainee = Trainee(student, method).to(memory_format=torch.channels_last)
+    if compile:
+        compile_model(student)
     optimizer = torch.optim.SGD(trainee.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     scheduler = make_scheduler(optimizer, recipe)
@@ -284,6 +306,7 @@ def train_cohort(
     checkpoints: list[Path | None] | None = None,
     desc: str = "",
     on_epoch: list[Callable[[list[dict[str, Any]]], None] | None] | None = None,
+    compile: bool = False,
 ) -> list[TrainResult]:
     """Train one student per method, together, in one pass over the data: each batch is
     augmented once and goes through the teacher once, and every student takes its step.
@@ -294,6 +317,9 @@ def train_cohort(
     result; the others go on. ``checkpoints`` and ``on_epoch`` are per student; a student
     resumes from its checkpoint and trains only the epochs it lacks. With trackers on the
     accelerator (``--log-with``), every step's loss terms are logged (one student per run).
+    With ``compile``, the students' and the teacher's forward passes go through
+    ``torch.compile`` (faster steps after a compilation of a minute or so; results then match
+    an uncompiled run closely, not bit for bit).
     """
     started = time.perf_counter()
     checkpoints = checkpoints or [None] * len(methods)
@@ -304,12 +330,14 @@ def train_cohort(
     needs_teacher = any(m.needs_teacher for m in methods)
     teacher_rec = None
     if needs_teacher:
-        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-        if accelerator.device.type == "cuda":
-            teacher = teacher.to(memory_format=torch.channels_last)
-    members = [_make_member(data, student_spec, m, recipe, seed, accelerator, teacher, c, cb)
+        teacher = teacher.to(accelerator.device, memory_format=torch.channels_last)
+        teacher = teacher.eval().requires_grad_(False)
+    members = [_make_member(data, student_spec, m, recipe, seed, accelerator, teacher, c, cb,
+                            compile)
                for m, c, cb in zip(methods, checkpoints, on_epoch, strict=True)]
     if needs_teacher:
+        if compile:  # after the members' shape probes, which would each compile it again
+            compile_model(teacher)
         taps = tuple(dict.fromkeys(t for m in methods for t in m.taps))
         teacher_rec = TapRecorder(teacher, teacher.tap_map, taps)
     device = accelerator.device
@@ -337,8 +365,7 @@ def train_cohort(
             n_steps = 0
             t0 = time.perf_counter()
             for x, y in data.train_batches(epoch, seed, recipe.batch_size, device, rank, world):
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = _channels_last(x)
                 t_taps = None
                 if use_teacher:
                     with accelerator.autocast(), torch.inference_mode():
@@ -388,16 +415,18 @@ def train(
     checkpoint: Path | None = None,
     desc: str = "",
     on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+    compile: bool = False,
 ) -> TrainResult:
     """Train ``student_spec`` on ``data`` under ``method`` (taught by ``teacher``, if the method
     needs one) with ``recipe``; evaluate after every epoch (a cohort of one).
 
     With ``checkpoint``, the state after each epoch is written there atomically, and a run
     that finds one resumes after its epoch. ``on_epoch`` gets the history after each epoch.
-    An error in training (a diverged loss, a failing method) is raised.
+    An error in training (a diverged loss, a failing method) is raised. ``compile``: see
+    :func:`train_cohort`.
     """
     (result,) = train_cohort(data, student_spec, [method], recipe, seed, accelerator, teacher,
-                             [checkpoint], desc, [on_epoch])
+                             [checkpoint], desc, [on_epoch], compile)
     if result.error is not None:
         raise result.error
     return result

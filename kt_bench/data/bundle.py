@@ -31,17 +31,23 @@ def derived_seed(seed: int, *salt: int) -> int:
     return value
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world: int = 1) -> Iterator[torch.Tensor]:
-    """Index batches of one epoch: a permutation fixed by (seed, epoch), global batches split
-    over ``world`` processes. A last batch smaller than two samples per process is dropped
-    (BatchNorm needs two)."""
+def global_batches(n: int, batch_size: int, seed: int, epoch: int,
+                   world: int = 1) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch, whole: a permutation fixed by (seed, epoch). A last batch
+    smaller than two samples per process of ``world`` is dropped (BatchNorm needs two)."""
     gen = torch.Generator().manual_seed(derived_seed(seed, 1, epoch))
     perm = torch.randperm(n, generator=gen)
     for start in range(0, n, batch_size):
         batch = perm[start:start + batch_size]
         if batch.numel() < 2 * world:
             break
+        yield batch
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> Iterator[torch.Tensor]:
+    """Process ``rank``'s share of each of :func:`global_batches` over ``world`` processes."""
+    for batch in global_batches(n, batch_size, seed, epoch, world):
         yield batch[rank::world]
 
 
@@ -135,15 +141,19 @@ class TensorData(DataBundle):
         return x
 
     def train_batches(self, epoch, seed, batch_size, device, rank=0, world=1):
-        """Batches of one epoch; augmentation (crop, flip) on the device, then normalisation."""
+        """Batches of one epoch; augmentation (crop, flip) on the device, then normalisation.
+
+        Every process augments the whole global batch and keeps its share, so the images a
+        process trains on are those of a one-process run, whatever the number of processes.
+        """
         on = self._on(device)
         gen = torch.Generator(device=device).manual_seed(derived_seed(seed, 3, epoch))
-        for idx in epoch_batches(self.n_train, batch_size, seed, epoch, rank, world):
+        for idx in global_batches(self.n_train, batch_size, seed, epoch, world):
             idx = idx.to(device)
             x = on["train"].images[idx]
             if self.augment is not None:
                 x = self.augment(x, gen)
-            yield self._normalise(x, on), on["train"].labels[idx]
+            yield self._normalise(x[rank::world], on), on["train"].labels[idx[rank::world]]
 
     def test_batches(self, batch_size, device, rank=0, world=1):
         """The test split in order, every ``world``-th sample for process ``rank``."""
