@@ -94,9 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kt_bench.config import load_grid
     from kt_bench.engine import make_accelerator, resolve_precision
     from kt_bench.plugins import load_plugins
-    from kt_bench.report import comparison_table
-    from kt_bench.report_writer import write_report
     from kt_bench.runner import run_cells
+    from kt_bench.status import write_manifest
 
     load_plugins(args.plugins)
     grid = _apply_overrides(load_grid(args.grid), args)
@@ -118,13 +117,17 @@ def cmd_run(args: argparse.Namespace) -> int:
               "sustained per GPU (a rough guide, not a measurement)")
         return 0
     log_with = None if args.log_with in (None, "none") else args.log_with
+    teacher_cache = Path(args.teacher_cache) if args.teacher_cache else out / "teachers"
+    if args.launcher:
+        return _run_as_jobs(args, grid, cells, out, teacher_cache, precision, log_with)
     accelerator = make_accelerator(args.device, precision, log_with,
                                    str(out / "tracking") if log_with else None)
-    teacher_cache = Path(args.teacher_cache) if args.teacher_cache else out / "teachers"
     main = accelerator.is_main_process
     if main:
+        write_manifest(out, cells)
         print(f"grid '{grid.name}': {len(cells)} cells on {accelerator.device} "
-              f"(precision {precision}) -> {out}", flush=True)
+              f"(precision {precision}, {accelerator.num_processes} process"
+              f"{'es' if accelerator.num_processes > 1 else ''}) -> {out}", flush=True)
 
     def on_row(i: int, row: dict) -> None:
         if not main:
@@ -138,10 +141,64 @@ def cmd_run(args: argparse.Namespace) -> int:
                        f"{row['status']}: {row['error']}")
 
     rows = run_cells(cells, out, accelerator, teacher_cache, args.data_root, on_row,
-                     cohort=not args.no_cohort)
+                     cohort=not args.no_cohort, compile=args.compile)
     if not main:
         return 0
-    df = pd.DataFrame(rows)
+    return _print_results(pd.DataFrame(rows), out, args)
+
+
+def _launcher_config(base, args: argparse.Namespace):
+    """The grid's ``[launcher]`` table with the flags given on the command line applied."""
+    flags = {k: getattr(args, k) for k in ("partition", "gpus_per_job", "cpus_per_job",
+                                          "mem_gb", "time_min", "array_parallelism",
+                                          "account", "qos")
+             if getattr(args, k) is not None}
+    return dataclasses.replace(base, **flags).validate("launcher options")
+
+
+def _run_as_jobs(args: argparse.Namespace, grid, cells, out: Path, teacher_cache: Path,
+                 precision: str, log_with: str | None) -> int:
+    """Submit the unfinished cells as jobs (one per cohort) and, unless --no-wait, wait for
+    them and print the table."""
+    from kt_bench.launch import JobSettings, submit, wait
+    from kt_bench.runner import cohorts, finished_row, read_rows
+    from kt_bench.status import write_manifest
+
+    if log_with:
+        raise KtBenchError("--log-with is not available with --launcher; track a plain run")
+    cfg = _launcher_config(grid.launcher, args)
+    write_manifest(out, cells)
+    todo = [c for c in cells if finished_row(out, c) is None]
+    groups = cohorts(todo, not args.no_cohort)
+    settings = JobSettings(str(out.resolve()), str(teacher_cache.resolve()),
+                           str(Path(args.data_root).resolve()) if args.data_root else None,
+                           args.device, precision, args.compile,
+                           [str(Path(p).resolve()) for p in args.plugins])
+    jobs = submit(groups, args.launcher, cfg, settings) if groups else []
+    print(f"grid '{grid.name}': {len(cells)} cells, {len(cells) - len(todo)} already done; "
+          f"submitted {len(jobs)} {args.launcher} job(s) (job files in {out / 'jobs'}); "
+          f"progress: kt-bench status {out}", flush=True)
+    if args.no_wait:
+        return 0
+    problems = wait(jobs)
+    for line in problems:
+        print(f"kt-bench: {line}", file=sys.stderr)
+    ids = {c.cell_id for c in cells}
+    rows = read_rows(out) if (out / "cells").exists() else pd.DataFrame()
+    rows = rows[rows["cell_id"].isin(ids)] if not rows.empty else rows
+    missing = len(ids) - len(rows)
+    if missing:
+        print(f"kt-bench: {missing} cell(s) have no row; see kt-bench status {out}",
+              file=sys.stderr)
+    code = _print_results(rows, out, args) if not rows.empty else 1
+    return 1 if missing or problems else code
+
+
+def _print_results(df: pd.DataFrame, out: Path, args: argparse.Namespace) -> int:
+    """Print the comparison table, write the report; 1 if a cell did not finish ok."""
+    from kt_bench.report import comparison_table
+    from kt_bench.report_writer import write_report
+
     print()
     print(comparison_table(df))
     report = write_report(out) if not args.no_report else None
@@ -151,6 +208,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         names = ", ".join(f"{r.method} seed {r.seed} ({r.status})" for r in bad.itertuples())
         print(f"kt-bench: {len(bad)} cell(s) did not finish ok: {names}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show done, running, interrupted, pending and failed cells of a run folder."""
+    from kt_bench.status import cell_states, format_status
+
+    print(format_status(cell_states(Path(args.dir))))
     return 0
 
 
@@ -189,7 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(args.teacher, args.student, methods, args.dataset, args.batch_size,
                       args.steps, args.warmup, args.repeats, args.device,
                       resolve_precision(args.precision, args.device), args.workers,
-                      not args.no_nst)
+                      not args.no_nst, args.compile)
     result = run_bench(cfg)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0
@@ -223,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--no-cohort", action="store_true",
                        help="train every cell alone (default: cells that differ only in "
                             "method train together, one teacher pass for all)")
+    p_run.add_argument("--compile", action="store_true",
+                       help="run students and teacher through torch.compile (pays off on "
+                            "long runs on a GPU; results match closely, not bit for bit)")
     p_run.add_argument("--teacher-cache", help="teacher cache folder (default: <out>/teachers)")
     p_run.add_argument("--data-root", help="where datasets are stored or downloaded")
     p_run.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
@@ -237,6 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
                             "tensorboard (written under <out>/tracking)")
     p_run.add_argument("--no-report", action="store_true",
                        help="skip writing report.md, tables and plots at the end")
+    cluster = p_run.add_argument_group(
+        "cluster jobs", "with --launcher, each cohort (or cell, with --no-cohort) runs as a "
+        "job through submitit; the other flags replace the grid's [launcher] keys")
+    cluster.add_argument("--launcher", choices=("local", "slurm"),
+                         help="submit jobs to Slurm, or run them as local processes")
+    cluster.add_argument("--no-wait", action="store_true",
+                         help="return once the jobs are submitted (see kt-bench status)")
+    cluster.add_argument("--partition", help="Slurm partition")
+    cluster.add_argument("--gpus-per-job", type=int, help="GPUs per job, one process each "
+                                                          "(default 1)")
+    cluster.add_argument("--cpus-per-job", type=int, help="CPUs per job (default 8)")
+    cluster.add_argument("--mem-gb", type=int, help="memory per job in GB (default: the "
+                                                    "partition's)")
+    cluster.add_argument("--time-min", type=int, help="time limit per job in minutes "
+                                                      "(default 1440)")
+    cluster.add_argument("--array-parallelism", type=int,
+                         help="jobs of the array running at once (default 64)")
+    cluster.add_argument("--account", help="Slurm account")
+    cluster.add_argument("--qos", help="Slurm QOS")
     plugins_arg(p_run)
     p_run.set_defaults(func=cmd_run)
 
@@ -257,10 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(default: min(8, CPUs))")
     p_bench.add_argument("--device", default="auto")
     p_bench.add_argument("--precision", default="auto")
+    p_bench.add_argument("--compile", action="store_true",
+                         help="torch.compile the engine's networks (solo and cohort)")
     p_bench.add_argument("--no-nst", action="store_true", help="skip the NST loss timing")
     p_bench.add_argument("--json", action="store_true", help="print one JSON object")
     plugins_arg(p_bench)
     p_bench.set_defaults(func=cmd_bench)
+
+    p_status = sub.add_parser("status", help="done, running and failed cells of a run folder")
+    p_status.add_argument("dir", help="a run's output folder")
+    p_status.set_defaults(func=cmd_status)
 
     p_rep = sub.add_parser("report", help="write tables and plots of a run folder")
     p_rep.add_argument("dir", help="a run's output folder")

@@ -139,6 +139,30 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class LauncherConfig:
+    """What each cluster job asks for (a grid's ``[launcher]`` table; ``run`` flags replace
+    its keys). Empty strings and 0 leave the choice to the cluster's defaults."""
+
+    partition: str = ""
+    gpus_per_job: int = 1
+    cpus_per_job: int = 8
+    mem_gb: int = 0
+    time_min: int = 24 * 60
+    array_parallelism: int = 64
+    account: str = ""
+    qos: str = ""
+
+    def validate(self, where: str) -> LauncherConfig:
+        """Check value ranges; ``where`` prefixes the message."""
+        for key, low in (("gpus_per_job", 0), ("cpus_per_job", 1), ("mem_gb", 0),
+                         ("time_min", 1), ("array_parallelism", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{where}.{key} must be an integer >= {low}, got "
+                                  f"{getattr(self, key)!r}")
+        return self
+
+
+@dataclass(frozen=True)
 class Pair:
     """A teacher and the student it teaches; ``teacher_checkpoint`` loads a trained teacher."""
 
@@ -165,6 +189,8 @@ class Grid:
     source: str = "<memory>"
     #: The grids this one is the union of (``include``); empty for a grid of its own cells.
     parts: list[Grid] = field(default_factory=list)
+    #: What cluster jobs ask for (``--launcher slurm``).
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def leaves(self) -> list[Grid]:
         """The grids that hold cells: this one, or its included grids (recursively)."""
@@ -201,8 +227,8 @@ class Grid:
 
 
 GRID_KEYS = ("name", "description", "datasets", "pairs", "methods", "seeds", "recipe",
-             "teacher_recipe", "method_options", "sweep", "extends")
-COMPOSITE_KEYS = ("name", "description", "include")
+             "teacher_recipe", "method_options", "sweep", "launcher", "extends")
+COMPOSITE_KEYS = ("name", "description", "include", "launcher")
 PAIR_KEYS = ("teacher", "student", "teacher_checkpoint")
 
 
@@ -233,7 +259,13 @@ def _composite(table: Mapping[str, Any], source: str, seen: tuple[str, ...]) -> 
             raise ConfigError(f"{source}: include '{name}' forms a cycle")
         parts.append(load_grid(target, seen + (target,)))
     return Grid(name=table["name"], description=str(table.get("description", "")),
-                datasets=[], pairs=[], methods=[], source=source, parts=parts)
+                datasets=[], pairs=[], methods=[], source=source, parts=parts,
+                launcher=_launcher(table, source))
+
+
+def _launcher(table: Mapping[str, Any], source: str) -> LauncherConfig:
+    where = f"{source}: launcher"
+    return dataclass_from_table(LauncherConfig, table.get("launcher", {}), where).validate(where)
 
 
 def _pair(p: Any, where: str) -> Pair:
@@ -335,6 +367,7 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
         method_options={k: dict(v) for k, v in options.items()},
         sweep=_sweep(table.get("sweep", {}), source),
         source=source,
+        launcher=_launcher(table, source),
     ).validate()
 
 

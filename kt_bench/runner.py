@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from kt_bench import atomic
 from kt_bench.cells import Cell
@@ -77,13 +78,13 @@ def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None
 
 
 def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
-              data: DataBundle) -> list[dict[str, Any]]:
+              data: DataBundle, compile: bool = False) -> list[dict[str, Any]]:
     """Train cells that differ only in method together (a cohort; one cell is a solo run)
     and return their rows. Their teacher comes first, from the cache if there.
 
     Each cell's folder receives its resolved ``config.json``, ``metrics.jsonl`` (rewritten
     after every epoch), ``log.txt`` (a line per start, epoch and end) and its last
-    ``checkpoint.pt``.
+    ``checkpoint.pt``. ``compile`` runs the networks through ``torch.compile``.
     """
     main = accelerator.is_main_process
     dirs = [out / "cells" / c.cell_id for c in cells]
@@ -93,8 +94,9 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
             resume = " (resuming from checkpoint.pt)" if (cell_dir / "checkpoint.pt").exists() \
                 else ""
             cohort = f" in a cohort of {len(cells)}" if len(cells) > 1 else ""
+            job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
             _log_line(cell_dir, f"start host={socket.gethostname()} pid={os.getpid()}"
-                                f"{cohort}{resume}")
+                                f"{f' job={job}' if job else ''}{cohort}{resume}")
 
     def logger(cell_dir: Path):
         def on_epoch(history: list[dict[str, Any]]) -> None:
@@ -116,10 +118,13 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
                 else f"cohort of {len(cells)} s{cells[0].seed}")
         results = train_cohort(data, cells[0].student, methods, cells[0].recipe, cells[0].seed,
                                accelerator, teacher, [d / "checkpoint.pt" for d in dirs], desc,
-                               [logger(d) for d in dirs])
+                               [logger(d) for d in dirs], compile)
         rows = [_row_for(c, r, r.error, accelerator.num_processes, teacher_top1)
                 for c, r in zip(cells, results, strict=True)]
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit):  # stopped (e.g. a preempted job): resumable
+        if main:
+            for cell_dir in dirs:
+                _log_line(cell_dir, "stopped; a new run resumes from checkpoint.pt")
         raise
     except Exception as exc:  # noqa: BLE001 - failed cells are recorded and the grid goes on
         rows = [_row_for(c, None, exc, accelerator.num_processes, teacher_top1) for c in cells]
@@ -172,6 +177,11 @@ def cohort_key(cell: Cell) -> str:
                        cell.seed, cell.recipe.to_dict(), cell.precision], sort_keys=True)
 
 
+def cohorts(cells: list[Cell], cohort: bool = True) -> list[list[Cell]]:
+    """``cells`` grouped into cohorts (cells differing only in method), or one per group."""
+    return [[c for _, c in group] for group in _groups(list(enumerate(cells)), cohort)]
+
+
 def _groups(pending: list[tuple[int, Cell]], cohort: bool) -> list[list[tuple[int, Cell]]]:
     if not cohort:
         return [[item] for item in pending]
@@ -184,14 +194,15 @@ def _groups(pending: list[tuple[int, Cell]], cohort: bool) -> list[list[tuple[in
 def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
               data_root: str | None = None,
               on_row: Callable[[int, dict[str, Any]], None] | None = None,
-              poll_s: float = 2.0, cohort: bool = True) -> list[dict[str, Any]]:
+              poll_s: float = 2.0, cohort: bool = True,
+              compile: bool = False) -> list[dict[str, Any]]:
     """Run every cell not finished yet; return the rows of ``cells`` (old and new) in order.
 
     A cell whose row exists with status ok or diverged is skipped; a failed cell is run again.
     With ``cohort``, cells that differ only in method train together (one teacher pass per
     batch for all of them); tracking (``--log-with``) runs cells one at a time. Each cell is
     locked while it runs: a cell another runner holds is left for later and waited for, so
-    runners sharing ``out`` run every cell once.
+    runners sharing ``out`` run every cell once. ``compile``: see :func:`run_group`.
     """
     cohort = cohort and not accelerator.log_with
     datasets: dict[str, DataBundle] = {}
@@ -206,23 +217,14 @@ def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     while pending:
         deferred = []
         for group in _groups(pending, cohort):
-            mine, locks = [], []
-            for i, cell in group:
-                lock = FileLock(out / "cells" / cell.cell_id / "lock")
-                if finished_row(out, cell) is None and not lock.acquire(blocking=False):
-                    deferred.append((i, cell))
-                    continue
-                row = finished_row(out, cell)  # checked again, now under the lock
-                if row is not None:
-                    lock.release()
-                    record(i, row)
-                    continue
-                mine.append((i, cell))
-                locks.append(lock)
+            mine, done, later, locks = _claim(group, out, accelerator)
+            deferred += later
+            for i, row in done:
+                record(i, row)
             try:
                 if mine:
                     new = _run_cells_now([c for _, c in mine], out, accelerator, teacher_cache,
-                                         data_root, datasets)
+                                         data_root, datasets, compile)
                     for (i, _), row in zip(mine, new, strict=True):
                         record(i, row)
             finally:
@@ -234,8 +236,37 @@ def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     return [rows[i] for i in range(len(cells))]
 
 
+def _claim(group: list[tuple[int, Cell]], out: Path, accelerator: Accelerator):
+    """Split ``group`` into cells to run now (locked here), finished rows, and cells another
+    runner holds. With several processes the main one decides and tells the others, which
+    take no locks: they train the same cells with it."""
+    mine, done, later, locks = [], [], [], []
+    if accelerator.is_main_process:
+        for i, cell in group:
+            lock = FileLock(out / "cells" / cell.cell_id / "lock")
+            if finished_row(out, cell) is None and not lock.acquire(blocking=False):
+                later.append((i, cell))
+                continue
+            row = finished_row(out, cell)  # checked again, now under the lock
+            if row is not None:
+                lock.release()
+                done.append((i, row))
+                continue
+            mine.append((i, cell))
+            locks.append(lock)
+    if accelerator.num_processes > 1:
+        by_index = dict(group)
+        decision = [([i for i, _ in mine], done, [i for i, _ in later])]
+        broadcast_object_list(decision, from_process=0)
+        mine_i, done, later_i = decision[0]
+        mine = [(i, by_index[i]) for i in mine_i]
+        later = [(i, by_index[i]) for i in later_i]
+    return mine, done, later, locks
+
+
 def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
-                   data_root: str | None, datasets: dict[str, DataBundle]) -> list[dict]:
+                   data_root: str | None, datasets: dict[str, DataBundle],
+                   compile: bool) -> list[dict]:
     """Run ``cells`` (one cohort) and write their rows; a cohort that runs out of GPU memory
     is run again one cell at a time (each resuming from its checkpoint)."""
     key = json.dumps(cells[0].dataset.to_dict(), sort_keys=True)
@@ -246,10 +277,10 @@ def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teach
         rows = [{**base_row(c, accelerator.num_processes), "status": "failed",
                  "error": _one_line(exc)} for c in cells]
     else:
-        rows = run_group(cells, out, accelerator, teacher_cache, datasets[key])
+        rows = run_group(cells, out, accelerator, teacher_cache, datasets[key], compile)
         if len(cells) > 1 and any(r["status"] == "oom" for r in rows):
             torch.cuda.empty_cache()
-            rows = [run_group([c], out, accelerator, teacher_cache, datasets[key])[0]
+            rows = [run_group([c], out, accelerator, teacher_cache, datasets[key], compile)[0]
                     if r["status"] == "oom" else r for c, r in zip(cells, rows, strict=True)]
     if accelerator.is_main_process:
         for cell, row in zip(cells, rows, strict=True):

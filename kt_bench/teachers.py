@@ -52,10 +52,18 @@ def get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
     """The teacher of ``cell`` and its test metrics: from the cache; else loaded (a
     checkpoint, or torchvision weights) and evaluated; else trained (with the ``student``
     baseline method and the teacher recipe); then cached. Runners sharing the cache wait for
-    each other rather than train one teacher twice."""
+    each other rather than train one teacher twice. With several processes, the main one
+    holds the lock and all of them load or train the teacher together."""
     path = teacher_path(cache_dir, cell)
-    with FileLock(path.with_suffix(".lock")):
+    lock = FileLock(path.with_suffix(".lock"))
+    if accelerator.is_main_process:
+        lock.acquire()
+    try:
+        accelerator.wait_for_everyone()  # the others look at the cache once the main holds it
         return _get_teacher(cell, data, accelerator, path)
+    finally:
+        if accelerator.is_main_process:
+            lock.release()
 
 
 def _get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
