@@ -20,3 +20,18 @@ def test_demo_grid_trains_a_teacher_clearly_above_the_student(tmp_path, capsys):
     assert all(m in stdout for m in DEMO_METHODS)
     for name in ("report.md", "report/table.tex", "report/accuracy.png", "report/curves.png"):
         assert (tmp_path / "demo" / name).exists(), name
+
+
+@pytest.mark.slow
+def test_full_demo_grid_through_the_local_launcher_equals_the_plain_run(tmp_path):
+    """The whole demo grid (its own teacher trained in the job) as a local submitit job."""
+    numbers = ["cell_id", "method", "status", "top1", "top5", "top1_best", "teacher_top1"]
+    plain, jobs = tmp_path / "plain", tmp_path / "jobs"
+    assert main(["run", "--grid", "demo", "--device", "cpu", "--no-report",
+                 "--out", str(plain)]) == 0
+    assert main(["run", "--grid", "demo", "--device", "cpu", "--no-report", "--launcher",
+                 "local", "--out", str(jobs)]) == 0
+    a = pd.read_csv(plain / "results.csv").sort_values("cell_id").reset_index(drop=True)
+    b = pd.read_csv(jobs / "results.csv").sort_values("cell_id").reset_index(drop=True)
+    assert len(b) == len(DEMO_METHODS) and (b["status"] == "ok").all()
+    assert a[numbers].equals(b[numbers])
