@@ -151,7 +151,7 @@ def _launcher_config(base, args: argparse.Namespace):
     """The grid's ``[launcher]`` table with the flags given on the command line applied."""
     flags = {k: getattr(args, k) for k in ("partition", "gpus_per_job", "cpus_per_job",
                                           "mem_gb", "time_min", "array_parallelism",
-                                          "account", "qos")
+                                          "max_array_size", "account", "qos")
              if getattr(args, k) is not None}
     return dataclasses.replace(base, **flags).validate("launcher options")
 
@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default 1440)")
     cluster.add_argument("--array-parallelism", type=int,
                          help="jobs of the array running at once (default 64)")
+    cluster.add_argument("--max-array-size", type=int,
+                         help="jobs per array at most, the cluster's MaxArraySize (default "
+                              "1000); more are submitted as further arrays")
     cluster.add_argument("--account", help="Slurm account")
     cluster.add_argument("--qos", help="Slurm QOS")
     plugins_arg(p_run)

@@ -149,13 +149,15 @@ class LauncherConfig:
     mem_gb: int = 0
     time_min: int = 24 * 60
     array_parallelism: int = 64
+    #: Jobs per submitted array at most (a cluster's MaxArraySize); more go in further arrays.
+    max_array_size: int = 1000
     account: str = ""
     qos: str = ""
 
     def validate(self, where: str) -> LauncherConfig:
         """Check value ranges; ``where`` prefixes the message."""
         for key, low in (("gpus_per_job", 0), ("cpus_per_job", 1), ("mem_gb", 0),
-                         ("time_min", 1), ("array_parallelism", 1)):
+                         ("time_min", 1), ("array_parallelism", 1), ("max_array_size", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{where}.{key} must be an integer >= {low}, got "
                                   f"{getattr(self, key)!r}")

@@ -120,13 +120,15 @@ def _first_line(exc: BaseException) -> str:
 
 def submit(groups: list[list[Cell]], kind: str, cfg: LauncherConfig,
            settings: JobSettings) -> list[Any]:
-    """Submit one job per group of cells (one Slurm array); return the submitit jobs."""
+    """Submit one job per group of cells, as Slurm arrays of at most ``max_array_size``
+    jobs; return the submitit jobs."""
     executor = make_executor(kind, Path(settings.out) / "jobs", cfg)
     jobs = []
     try:
-        with executor.batch():
-            for cells in groups:
-                jobs.append(executor.submit(CellJob(cells, settings)))
+        for start in range(0, len(groups), cfg.max_array_size):
+            with executor.batch():
+                for cells in groups[start:start + cfg.max_array_size]:
+                    jobs.append(executor.submit(CellJob(cells, settings)))
     except (OSError, RuntimeError) as exc:  # no sbatch, a rejected request, ...
         raise KtBenchError(f"cannot submit to {kind}: {_first_line(exc)}") from None
     return jobs

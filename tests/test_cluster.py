@@ -218,3 +218,28 @@ def test_slurm_job_requests_and_bad_launcher_input(tmp_path, capsys):
                      str(tmp_path / "s")]) == 2
         assert ('cannot submit to slurm: Could not detect "srun"'
                 in capsys.readouterr().err)
+
+
+def test_jobs_beyond_the_max_array_size_go_in_further_arrays(monkeypatch, tmp_path):
+    import contextlib
+
+    import kt_bench.launch as launch
+
+    arrays: list[list] = []
+
+    class FakeExecutor:
+        @contextlib.contextmanager
+        def batch(self):
+            arrays.append([])
+            yield
+
+        def submit(self, job):
+            arrays[-1].append(job)
+            return job
+
+    monkeypatch.setattr(launch, "make_executor", lambda kind, folder, cfg: FakeExecutor())
+    groups = [[f"cell{i}"] for i in range(5)]
+    jobs = submit(groups, "slurm", LauncherConfig(max_array_size=2), JobSettings(str(tmp_path),
+                                                                                 "t"))
+    assert [len(a) for a in arrays] == [2, 2, 1]
+    assert [j.cells for j in jobs] == groups
