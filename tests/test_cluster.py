@@ -243,3 +243,21 @@ def test_jobs_beyond_the_max_array_size_go_in_further_arrays(monkeypatch, tmp_pa
                                                                                  "t"))
     assert [len(a) for a in arrays] == [2, 2, 1]
     assert [j.cells for j in jobs] == groups
+
+
+def test_two_stage_fitnet_trains_data_parallel(tmp_path, teacher_ckpt):
+    """FitNet's hint stage leaves the classifier without gradients; DDP must be told that
+    parameters may sit out (without it this cell fails)."""
+    grid = tmp_path / "fitnet.toml"
+    grid.write_text('extends = "demo"\nname = "fitnet2"\nmethods = ["fitnet"]\n'
+                    '[method_options.fitnet]\nhint_epochs = 1\n')
+    out = tmp_path / "out"
+    args = _demo_args(teacher_ckpt, out, "--epochs", "2")
+    args[args.index("demo")] = str(grid)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kt_bench", *args],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = _rows(out).iloc[0]
+    assert (row.status, row.world_size) == ("ok", 2)
