@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from kt_bench.config import Recipe
 from kt_bench.data.augment import random_crop_flip
 from kt_bench.data.bundle import Split, TensorData, channel_stats, load_dataset
-from kt_bench.engine import compile_model, make_accelerator, tap_shapes, train, train_cohort
+from kt_bench.engine import channels_last, make_accelerator, tap_shapes, train, train_cohort
 from kt_bench.errors import KtBenchError
 from kt_bench.method import build_method
 from kt_bench.methods.nst import nst_loss
@@ -88,6 +88,12 @@ class _PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a clock read after it measures the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _median_seconds(seconds: list[float], warmup: int) -> float:
     """The median epoch time after the first ``warmup`` epochs."""
     return statistics.median(seconds[warmup:] or seconds)
@@ -133,54 +139,46 @@ def plain_loop(cfg: BenchConfig, data: TensorData, method_name: str, device: tor
             opt.zero_grad()
             loss.backward()
             opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
-def _epoch_times(cfg: BenchConfig, data: TensorData, accelerator, step) -> list[float]:
+def _epoch_times(cfg: BenchConfig, data: TensorData, device: torch.device, step,
+                 prepare: bool) -> list[float]:
     """Epoch times of ``step(x)`` over the engine's batches (augmented, normalised, in the
-    engine's memory layout); the batches are made before the clock starts."""
-    device = accelerator.device
+    engine's memory layout). With ``prepare`` the batches are made before the clock starts,
+    so only ``step`` is timed; without, making them is what is timed."""
     times = []
     for epoch in range(cfg.warmup + cfg.repeats):
-        batches = [x.contiguous(memory_format=torch.channels_last)
-                   for x, _ in data.train_batches(epoch, 0, cfg.batch_size, device)]
+        batches = (channels_last(x) for x, _ in data.train_batches(epoch, 0, cfg.batch_size,
+                                                                     device))
+        if prepare:
+            batches = list(batches)
         t0 = time.perf_counter()
         for x in batches:
             step(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
-def teacher_forward_times(cfg: BenchConfig, data: TensorData, accelerator) -> list[float]:
-    """Epoch times of the teacher's forward alone (as the engine runs it), for the bound."""
-    teacher = build_model(cfg.teacher, data.num_classes).to(
-        accelerator.device, memory_format=torch.channels_last).eval()
-    if cfg.compile:
-        compile_model(teacher)
+def teacher_forward_times(cfg: BenchConfig, data: TensorData, accelerator,
+                          teacher: torch.nn.Module) -> list[float]:
+    """Epoch times of ``teacher``'s forward alone, as the engine runs it (compiled if the
+    engine compiled it), for the bound."""
+    teacher = teacher.to(accelerator.device, memory_format=torch.channels_last).eval()
 
     def forward(x: torch.Tensor) -> None:
         with accelerator.autocast(), torch.inference_mode():
             teacher(x)
 
-    return _epoch_times(cfg, data, accelerator, forward)
+    return _epoch_times(cfg, data, accelerator.device, forward, prepare=True)
 
 
-def data_times(cfg: BenchConfig, data: TensorData, accelerator) -> list[float]:
+def data_times(cfg: BenchConfig, data: TensorData, device: torch.device) -> list[float]:
     """Epoch times of the engine's data path alone (sampling, augmentation, normalisation)."""
-    times = []
-    for epoch in range(cfg.warmup + cfg.repeats):
-        t0 = time.perf_counter()
-        for x, _ in data.train_batches(epoch, 0, cfg.batch_size, accelerator.device):
-            x.contiguous(memory_format=torch.channels_last)
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
+    return _epoch_times(cfg, data, device, lambda x: None, prepare=False)
 
 
 def nst_timing(device: torch.device, reps: int = 5) -> dict[str, float]:
@@ -195,8 +193,7 @@ def nst_timing(device: torch.device, reps: int = 5) -> dict[str, float]:
         for _ in range(reps + 1):
             t0 = time.perf_counter()
             nst_loss(f_s, f_t, kernel="poly", form=form).backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             times.append(time.perf_counter() - t0)
             f_s.grad = None
         out[form] = statistics.median(times[1:]) * 1000
@@ -273,8 +270,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     result["cohort_peak_mem_mb"] = _peak_mb(device)
     result["peak_mem_mb"] = max(result[f"{p}_peak_mem_mb"] for p in ("plain", "solo", "cohort"))
 
-    t_teacher = _median_seconds(teacher_forward_times(cfg, data, accelerator), cfg.warmup)
-    t_data = _median_seconds(data_times(cfg, data, accelerator), cfg.warmup)
+    t_teacher = _median_seconds(teacher_forward_times(cfg, data, accelerator, teacher),
+                                cfg.warmup)
+    t_data = _median_seconds(data_times(cfg, data, device), cfg.warmup)
     n_teach = sum(build_method(m).needs_teacher for m in cfg.methods)
     # A cohort saves what the solo runs repeat: the teacher's forward of every method that
     # has a teacher but one, and the data path of every method but one. The students' own

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from kt_bench import atomic
 from kt_bench.config import Recipe
 from kt_bench.data.bundle import DataBundle, derived_seed
-from kt_bench.errors import KtBenchError
+from kt_bench.errors import KtBenchError, first_line
 from kt_bench.method import Method
 from kt_bench.models import build_model
 from kt_bench.spec import Spec
@@ -70,15 +70,14 @@ def make_accelerator(device: str = "auto", precision: str = "no", log_with: str 
                                   log_with=log_with, project_dir=project_dir,
                                   kwargs_handlers=[ddp])
     except (ValueError, ImportError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KtBenchError(f"cannot log with '{log_with}': {first}") from None
+        raise KtBenchError(f"cannot log with '{log_with}': {first_line(exc)}") from None
     if log_with and not accelerator.log_with:
         raise KtBenchError(f"--log-with {log_with}: that tracker's package is not installed "
                            f"(for TensorBoard: pip install tensorboard)")
     return accelerator
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
+def channels_last(x: torch.Tensor) -> torch.Tensor:
     """Images in the channels-last layout, which convolutions run faster in on both CUDA and
     the CPU (oneDNN); models are converted to it too."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
@@ -155,7 +154,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, data: DataBundle, batch
     correct = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for x, y in data.test_batches(batch_size, accelerator.device, rank, world):
         with accelerator.autocast():
-            logits = model(_channels_last(x))
+            logits = model(channels_last(x))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(y[:, None])
         correct[0] += hit[:, 0].sum()
@@ -318,8 +317,8 @@ def train_cohort(
     resumes from its checkpoint and trains only the epochs it lacks. With trackers on the
     accelerator (``--log-with``), every step's loss terms are logged (one student per run).
     With ``compile``, the students' and the teacher's forward passes go through
-    ``torch.compile`` (faster steps after a compilation of a minute or so; results then match
-    an uncompiled run closely, not bit for bit).
+    ``torch.compile`` (one compilation per student and mode first; results then match an
+    uncompiled run closely, not bit for bit).
     """
     started = time.perf_counter()
     checkpoints = checkpoints or [None] * len(methods)
@@ -365,7 +364,7 @@ def train_cohort(
             n_steps = 0
             t0 = time.perf_counter()
             for x, y in data.train_batches(epoch, seed, recipe.batch_size, device, rank, world):
-                x = _channels_last(x)
+                x = channels_last(x)
                 t_taps = None
                 if use_teacher:
                     with accelerator.autocast(), torch.inference_mode():

@@ -15,3 +15,9 @@ class ConfigError(KtBenchError):
 
 class PluginError(KtBenchError):
     """A plugin that cannot be loaded or registers a duplicate name; the message names the file."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

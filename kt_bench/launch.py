@@ -16,7 +16,7 @@ from typing import Any
 
 from kt_bench.cells import Cell
 from kt_bench.config import LauncherConfig
-from kt_bench.errors import KtBenchError
+from kt_bench.errors import KtBenchError, first_line
 
 LAUNCHERS = ("local", "slurm")
 
@@ -108,14 +108,10 @@ def make_executor(kind: str, folder: Path, cfg: LauncherConfig):
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster=kind)
     except RuntimeError as exc:  # e.g. no srun: not on a Slurm cluster
-        raise KtBenchError(f"cannot submit to {kind}: {_first_line(exc)}") from None
+        raise KtBenchError(f"cannot submit to {kind}: {first_line(exc)}") from None
     executor.update_parameters(**executor_parameters(kind, cfg))
     return executor
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def submit(groups: list[list[Cell]], kind: str, cfg: LauncherConfig,
@@ -130,7 +126,7 @@ def submit(groups: list[list[Cell]], kind: str, cfg: LauncherConfig,
                 for cells in groups[start:start + cfg.max_array_size]:
                     jobs.append(executor.submit(CellJob(cells, settings)))
     except (OSError, RuntimeError) as exc:  # no sbatch, a rejected request, ...
-        raise KtBenchError(f"cannot submit to {kind}: {_first_line(exc)}") from None
+        raise KtBenchError(f"cannot submit to {kind}: {first_line(exc)}") from None
     return jobs
 
 
