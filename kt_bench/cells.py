@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from kt_bench.config import Grid, Recipe
+from kt_bench.config import Grid, Recipe, merge_options
 from kt_bench.errors import KtBenchError
-from kt_bench.method import build_method, split_method_name
+from kt_bench.method import method_config, split_method_name
 from kt_bench.spec import Spec
 
 
@@ -36,6 +36,13 @@ class Cell:
     teacher_checkpoint: str | None = None
     #: The values of the grid's swept parameters in this cell (``"kd.T": 4.0``).
     params: tuple[tuple[str, Any], ...] = ()
+    #: The seed the teacher trains with; None: the cell's own seed.
+    teacher_seed: int | None = None
+
+    @property
+    def teacher_training_seed(self) -> int:
+        """The seed a trained teacher of this cell is trained with."""
+        return self.seed if self.teacher_seed is None else self.teacher_seed
 
     @property
     def teacher_is_pretrained(self) -> bool:
@@ -50,7 +57,7 @@ class Cell:
         if self.teacher_checkpoint:
             config["checkpoint"] = self.teacher_checkpoint
         elif not self.teacher_is_pretrained:
-            config.update(seed=self.seed, recipe=self.teacher_recipe.to_dict(),
+            config.update(seed=self.teacher_training_seed, recipe=self.teacher_recipe.to_dict(),
                           precision=self.precision)
         return config
 
@@ -65,6 +72,34 @@ class Cell:
     def cell_id(self) -> str:
         """Stable id: the hash of :meth:`config`."""
         return config_hash(self.config())
+
+    def setting(self) -> dict[str, Any]:
+        """What the cell runs with except its seed: :meth:`config` without the seed (a teacher
+        trained with the cell's own seed is marked so). Cells with equal settings are
+        repetitions of one configuration over seeds."""
+        config = self.config()
+        del config["seed"]
+        if config["teacher"].get("seed") is not None and self.teacher_seed is None:
+            config["teacher"]["seed"] = "the cell's seed"
+        return config
+
+    def identity(self) -> dict[str, Any]:
+        """The identifying columns of the cell's result row, status line and tracker run:
+        names, seed, epochs, the method's complete options, the swept values, and the hashes
+        of the cell (``cell_id``), of its setting (``config_id``: the same for every seed)
+        and of what its method is compared under (``setting_id``: the setting less the
+        method, shared with the ``student`` baseline of the same run)."""
+        setting = self.setting()
+        compared_under = {k: v for k, v in setting.items()
+                          if k not in ("method", "method_config")}
+        return {"grid": self.grid, "dataset": self.dataset.label,
+                "teacher": self.teacher.label, "student": self.student.label,
+                "method": self.method, "seed": self.seed, "epochs": self.recipe.epochs,
+                "precision": self.precision, "cell_id": self.cell_id,
+                "config_id": config_hash(setting), "setting_id": config_hash(compared_under),
+                "options": json.dumps(self.method_config, sort_keys=True),
+                "config": json.dumps(setting, sort_keys=True, default=str),
+                **dict(self.params)}
 
 
 def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = None
@@ -94,17 +129,15 @@ def _sweep_points(grid: Grid, members: list[str]) -> list[dict[str, Any]]:
 
 def _cell(name: str, leaf: Grid, dataset: Spec, pair, seed: int, method: str,
           params: dict[str, Any], precision: str, teacher_checkpoint: str | None) -> Cell:
-    members = split_method_name(method)
-    opts = {m: dict(leaf.method_options.get(m, {})) for m in members}
+    swept: dict[str, dict[str, Any]] = {}
     for key, value in params.items():
         member, _, option = key.partition(".")
-        opts[member][option] = value
-    described = build_method(method, opts).describe()
-    if len(members) == 1:
-        described = {members[0]: described}
-    return Cell(name, dataset, pair.teacher, pair.student, method, described, seed,
-                leaf.recipe, leaf.teacher_recipe, precision,
-                teacher_checkpoint or pair.teacher_checkpoint, tuple(sorted(params.items())))
+        swept.setdefault(member, {})[option] = value
+    options = merge_options(leaf.method_options, pair.method_options, swept)
+    return Cell(name, dataset, pair.teacher, pair.student, method,
+                method_config(method, options), seed, leaf.recipe, leaf.teacher_recipe,
+                precision, teacher_checkpoint or pair.teacher_checkpoint,
+                tuple(sorted(params.items())), leaf.teacher_seed)
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:

@@ -14,7 +14,8 @@ from kt_bench.errors import KtBenchError
 LIST_KINDS = ("methods", "models", "datasets", "grids")
 
 
-def _first_line(obj: object) -> str:
+def _summary(obj: object) -> str:
+    """The first line of ``obj``'s docstring."""
     doc = (getattr(obj, "__doc__", None) or "").strip()
     return doc.splitlines()[0] if doc else ""
 
@@ -45,18 +46,18 @@ def cmd_list(args: argparse.Namespace) -> int:
             except Exception:  # noqa: BLE001 - a plugin whose options have no defaults
                 return "(set by its options)"
 
-        rows = [(n, c.default_weight, taps(c), _first_line(c)) for n, c in METHODS.items()]
+        rows = [(n, c.default_weight, taps(c), _summary(c)) for n, c in METHODS.items()]
         headers = ["method", "default weight", "taps", "what"]
     elif args.kind == "models":
         from kt_bench.models import MODELS, build_model, count_parameters
 
         rows = [(n, *(f"{count_parameters(build_model(n, k)) / 1e6:.3f}M" for k in (10, 1000)),
-                 _first_line(b)) for n, b in MODELS.items()]
+                 _summary(b)) for n, b in MODELS.items()]
         headers = ["model", "params, 10 classes", "1000 classes", "what"]
     elif args.kind == "datasets":
         from kt_bench.data import DATASETS
 
-        rows = [(n, _first_line(b)) for n, b in DATASETS.items()]
+        rows = [(n, _summary(b)) for n, b in DATASETS.items()]
         headers = ["dataset", "what"]
     else:
         from kt_bench.cells import expand
@@ -70,19 +71,20 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _apply_overrides(grid, args: argparse.Namespace):
-    from kt_bench.method import build_method
-
+    """``grid`` with --methods, --epochs and --seeds applied to every part of it."""
+    methods = None
     if args.methods:
-        grid.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        for m in grid.methods:
-            build_method(m, grid.method_options)
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise KtBenchError(f"--epochs must be >= 1, got {args.epochs}")
-        grid.recipe = dataclasses.replace(grid.recipe, epochs=args.epochs)
-    if args.seeds:
-        grid.seeds = _int_list(args.seeds, "--seeds")
-    return grid
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods:
+            raise KtBenchError("--methods needs at least one method name")
+        from kt_bench.method import split_method_name
+
+        for m in methods:
+            split_method_name(m)  # an unknown name is the flag's error, not the grid file's
+    if args.epochs is not None and args.epochs < 1:
+        raise KtBenchError(f"--epochs must be >= 1, got {args.epochs}")
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
+    return grid.overridden(methods, args.epochs, seeds)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -161,14 +163,15 @@ def _run_as_jobs(args: argparse.Namespace, grid, cells, out: Path, teacher_cache
     """Submit the unfinished cells as jobs (one per cohort) and, unless --no-wait, wait for
     them and print the table."""
     from kt_bench.launch import JobSettings, submit, wait
-    from kt_bench.runner import cohorts, finished_row, read_rows
+    from kt_bench.rows import finished_row, read_rows
+    from kt_bench.runner import cohorts
     from kt_bench.status import write_manifest
 
     if log_with:
         raise KtBenchError("--log-with is not available with --launcher; track a plain run")
     cfg = _launcher_config(grid.launcher, args)
     write_manifest(out, cells)
-    todo = [c for c in cells if finished_row(out, c) is None]
+    todo = [c for c in cells if finished_row(out, c.cell_id) is None]
     groups = cohorts(todo, not args.no_cohort)
     settings = JobSettings(str(out.resolve()), str(teacher_cache.resolve()),
                            str(Path(args.data_root).resolve()) if args.data_root else None,
@@ -223,7 +226,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the tables and plots of a run folder and print its comparison table."""
     from kt_bench.report import comparison_table
     from kt_bench.report_writer import write_report
-    from kt_bench.runner import read_rows
+    from kt_bench.rows import read_rows
 
     out = Path(args.dir)
     if not list((out / "cells").glob("*/result.json")):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ else:  # pragma: no cover
 
 from kt_bench.errors import ConfigError, KtBenchError
 from kt_bench.registry import Registry
-from kt_bench.spec import Spec
+from kt_bench.spec import Spec, coerce, type_words
 
 SCHEDULES = ("cosine", "multistep", "constant")
 
@@ -68,43 +67,6 @@ class Recipe:
         return d
 
 
-def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
-    """Whether ``value`` fits the type ``hint``; returns (ok, converted value)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            ok, conv = _type_ok(value, arg)
-            if ok:
-                return True, conv
-        return False, value
-    if hint is type(None):
-        return value is None, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if hint is str:
-        return isinstance(value, str), value
-    if origin is tuple:
-        (arg, *_rest) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        conv = []
-        for v in value:
-            ok, c = _type_ok(v, arg)
-            if not ok:
-                return False, value
-            conv.append(c)
-        return True, tuple(conv)
-    return True, value
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
 def dataclass_from_table(cls: type, table: Mapping[str, Any], where: str, base: Any = None):
     """Build dataclass ``cls`` from a TOML table, on top of ``base`` (an instance) if given.
 
@@ -118,10 +80,9 @@ def dataclass_from_table(cls: type, table: Mapping[str, Any], where: str, base: 
     for key, value in table.items():
         if key not in names:
             raise ConfigError(f"{where}: unknown key '{key}'; accepted: {', '.join(names)}")
-        ok, conv = _type_ok(value, hints[key])
+        ok, conv = coerce(value, hints[key])
         if not ok:
-            word = _TYPE_WORDS.get(hints[key], str(hints[key]).replace("typing.", ""))
-            raise ConfigError(f"{where}.{key} must be {word}, got {value!r}")
+            raise ConfigError(f"{where}.{key} must be {type_words(hints[key])}, got {value!r}")
         values[key] = conv
     start = base if base is not None else cls()
     return dataclasses.replace(start, **values)
@@ -164,13 +125,38 @@ class LauncherConfig:
         return self
 
 
+def scaled_milestones(recipe: Recipe, epochs: int) -> tuple[int, ...]:
+    """``recipe``'s milestones moved to a run of ``epochs`` epochs in proportion (the same
+    schedule shape, shorter or longer); milestones that fall on epoch 0 or at or after the
+    last epoch are dropped."""
+    scaled = (round(m * epochs / recipe.epochs) for m in recipe.milestones)
+    return tuple(sorted({m for m in scaled if 1 <= m < epochs}))
+
+
+def with_epochs(recipe: Recipe, epochs: int) -> Recipe:
+    """``recipe`` run for ``epochs`` epochs, its multistep milestones scaled alike."""
+    return dataclasses.replace(recipe, epochs=epochs,
+                               milestones=scaled_milestones(recipe, epochs))
+
+
+def merge_options(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-method option tables merged: later layers replace earlier ones key by key."""
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for method, opts in layer.items():
+            out.setdefault(method, {}).update(opts)
+    return out
+
+
 @dataclass(frozen=True)
 class Pair:
-    """A teacher and the student it teaches; ``teacher_checkpoint`` loads a trained teacher."""
+    """A teacher and the student it teaches; ``teacher_checkpoint`` loads a trained teacher;
+    ``method_options`` replace the grid's for this pair (e.g. DKD's beta per pair)."""
 
     teacher: Spec
     student: Spec
     teacher_checkpoint: str | None = None
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -193,6 +179,8 @@ class Grid:
     parts: list[Grid] = field(default_factory=list)
     #: What cluster jobs ask for (``--launcher slurm``).
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    #: The seed the teacher is trained with; None: each cell's own seed (a teacher per seed).
+    teacher_seed: int | None = None
 
     def leaves(self) -> list[Grid]:
         """The grids that hold cells: this one, or its included grids (recursively)."""
@@ -200,10 +188,26 @@ class Grid:
             return [self]
         return [leaf for part in self.parts for leaf in part.leaves()]
 
+    def overridden(self, methods: list[str] | None = None, epochs: int | None = None,
+                   seeds: list[int] | None = None) -> Grid:
+        """This grid with the command line's replacements applied to every part: the methods,
+        the students' epochs (multistep milestones scaled alike) and the seeds."""
+        if self.parts:
+            parts = [p.overridden(methods, epochs, seeds) for p in self.parts]
+            return dataclasses.replace(self, parts=parts)
+        changes: dict[str, Any] = {}
+        if methods is not None:
+            changes["methods"] = list(methods)
+        if epochs is not None:
+            changes["recipe"] = with_epochs(self.recipe, epochs)
+        if seeds is not None:
+            changes["seeds"] = list(seeds)
+        return dataclasses.replace(self, **changes).validate() if changes else self
+
     def validate(self) -> Grid:
         """Check every name against the registries and every option against its builder."""
         from kt_bench.data import DATASETS
-        from kt_bench.method import build_method
+        from kt_bench.method import method_config
         from kt_bench.models import MODELS
         from kt_bench.spec import check_options
 
@@ -214,13 +218,14 @@ class Grid:
             for model in (m for p in self.pairs for m in (p.teacher, p.student)):
                 check_options(MODELS.get(model.name), model.options, f"model '{model.name}'",
                               ("num_classes", "in_channels"))
-            for m in self.methods:
-                build_method(m, self.method_options)
-            for key, values in self.sweep.items():
-                member, _, option = key.partition(".")
-                for value in values:
-                    opts = {**self.method_options.get(member, {}), option: value}
-                    build_method(member, {member: opts})
+            for pair in self.pairs:
+                options = merge_options(self.method_options, pair.method_options)
+                for m in self.methods:
+                    method_config(m, options)
+                for key, values in self.sweep.items():
+                    member, _, option = key.partition(".")
+                    for value in values:
+                        method_config(member, merge_options(options, {member: {option: value}}))
         except KtBenchError as exc:
             raise type(exc)(f"{self.source}: {exc}") from None
         if not self.seeds:
@@ -229,9 +234,9 @@ class Grid:
 
 
 GRID_KEYS = ("name", "description", "datasets", "pairs", "methods", "seeds", "recipe",
-             "teacher_recipe", "method_options", "sweep", "launcher", "extends")
+             "teacher_recipe", "teacher_seed", "method_options", "sweep", "launcher", "extends")
 COMPOSITE_KEYS = ("name", "description", "include", "launcher")
-PAIR_KEYS = ("teacher", "student", "teacher_checkpoint")
+PAIR_KEYS = ("teacher", "student", "teacher_checkpoint", "method_options")
 
 
 def _list_of(table: Mapping, key: str, where: str, kind: type) -> list:
@@ -270,16 +275,23 @@ def _launcher(table: Mapping[str, Any], source: str) -> LauncherConfig:
     return dataclass_from_table(LauncherConfig, table.get("launcher", {}), where).validate(where)
 
 
+def _method_options(table: Any, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
+        raise ConfigError(f"{where} must hold one table per method name")
+    return {k: dict(v) for k, v in table.items()}
+
+
 def _pair(p: Any, where: str) -> Pair:
     keys = set(p) if isinstance(p, Mapping) else set()
     if not {"teacher", "student"} <= keys or keys - set(PAIR_KEYS):
         raise ConfigError(f"{where} must be a table with the keys teacher and student "
-                          "(and optionally teacher_checkpoint)")
+                          "(and optionally teacher_checkpoint, method_options)")
     ckpt = p.get("teacher_checkpoint")
     if ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"{where}.teacher_checkpoint must be a path string")
     return Pair(Spec.parse(p["teacher"], f"{where}.teacher"),
-                Spec.parse(p["student"], f"{where}.student"), ckpt)
+                Spec.parse(p["student"], f"{where}.student"), ckpt,
+                _method_options(p.get("method_options", {}), f"{where}.method_options"))
 
 
 def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,10 +365,12 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
     teacher_recipe = dataclass_from_table(Recipe, table.get("teacher_recipe", {}),
                                           f"{source}: teacher_recipe", base=recipe)
     teacher_recipe.validate(f"{source}: teacher_recipe")
-    options = table.get("method_options", {})
-    if not isinstance(options, Mapping) or not all(
-            isinstance(v, Mapping) for v in options.values()):
-        raise ConfigError(f"{source}: method_options must hold one table per method name")
+    options = _method_options(table.get("method_options", {}), f"{source}: method_options")
+    teacher_seed = table.get("teacher_seed")
+    if teacher_seed is not None and (not isinstance(teacher_seed, int)
+                                     or isinstance(teacher_seed, bool) or teacher_seed < 0):
+        raise ConfigError(f"{source}: teacher_seed = {teacher_seed!r} is invalid; accepted: an "
+                          "integer >= 0")
     return Grid(
         name=table["name"],
         description=str(table.get("description", "")),
@@ -366,7 +380,8 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
         seeds=_list_of(table, "seeds", source, int) if "seeds" in table else [0],
         recipe=recipe,
         teacher_recipe=teacher_recipe,
-        method_options={k: dict(v) for k, v in options.items()},
+        method_options=options,
+        teacher_seed=teacher_seed,
         sweep=_sweep(table.get("sweep", {}), source),
         source=source,
         launcher=_launcher(table, source),

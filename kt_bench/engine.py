@@ -8,9 +8,10 @@ the CPU gives the same numbers, and a cell resumed from its checkpoint continues
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,8 @@ def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: R
     set_seed(seed)
     student = build_model(student_spec, data.num_classes, data.in_channels)
     if method.needs_teacher:
-        probe = data.probe()
         set_seed(derived_seed(seed, 2))  # the method's own parameters
-        method.setup(tap_shapes(student, method.taps, probe),
-                     tap_shapes(teacher, method.taps, probe.to(accelerator.device)))
+        setup_method(method, student, teacher, data.probe())
     trainee = Trainee(student, method).to(memory_format=torch.channels_last)
     if compile:
         compile_model(student)
@@ -231,7 +230,7 @@ def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: R
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     scheduler = make_scheduler(optimizer, recipe)
     member = _Member(method, trainee, optimizer, scheduler, checkpoint, on_epoch,
-                     recipe.ce_weight if method.ce_weight is None else method.ce_weight)
+                     base_ce_weight(method, recipe))
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         trainee.load_state_dict(state["trainee"])
@@ -243,18 +242,51 @@ def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: R
     return member
 
 
+def total_loss(logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor],
+               weights: Mapping[str, float], ce_weight: float) -> torch.Tensor:
+    """The training loss of one batch: ``ce_weight`` · cross-entropy + Σ weight · term over
+    the method's terms (weights of 0 leave their term out). Adds ``terms["ce"]`` when the
+    cross-entropy counts."""
+    parts = []
+    if ce_weight:
+        terms["ce"] = F.cross_entropy(logits.float(), y)
+        parts.append(ce_weight * terms["ce"])
+    parts += [w * terms[name] for name, w in weights.items() if w]
+    return sum(parts) if parts else logits.sum() * 0.0
+
+
+def base_ce_weight(method: Method, recipe: Recipe) -> float:
+    """The cross-entropy weight ``method`` trains with: its own ``ce_weight`` if set, else the
+    recipe's (each epoch then scales it by :meth:`Method.ce_scale`)."""
+    return recipe.ce_weight if method.ce_weight is None else method.ce_weight
+
+
+def setup_method(method: Method, student: nn.Module, teacher: nn.Module | None,
+                 probe: torch.Tensor) -> None:
+    """Let ``method`` build its trainable parts from its taps' shapes on ``probe`` images
+    (a method that needs no teacher has nothing to set up)."""
+    if method.needs_teacher:
+        method.setup(tap_shapes(student, method.taps, probe),
+                     tap_shapes(teacher, method.taps, probe.to(next(teacher.parameters()).device)))
+
+
+def teacher_taps(teacher: nn.Module, recorder: TapRecorder, x: torch.Tensor,
+                 accelerator: Accelerator | None = None) -> dict[str, torch.Tensor]:
+    """The teacher's taps on ``x``, without gradients, as tensors autograd may save."""
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    with autocast, torch.inference_mode():
+        taps = recorder.collect(teacher(x))
+    # clones leave inference mode, so autograd may save them for backward
+    return {k: v.clone() for k, v in taps.items()}
+
+
 def _step(member: _Member, accelerator: Accelerator, x: torch.Tensor, y: torch.Tensor,
           t_taps: dict | None, weights: dict[str, float], ce_weight: float,
           sums: dict[str, torch.Tensor], log_step: int | None) -> None:
     """One optimisation step of one student; loss terms are summed on the device."""
     with accelerator.autocast():
         logits, terms = member.trainee(x, t_taps)
-        parts = []
-        if ce_weight:
-            terms["ce"] = F.cross_entropy(logits.float(), y)
-            parts.append(ce_weight * terms["ce"])
-        parts += [w * terms[name] for name, w in weights.items() if w]
-        loss = sum(parts)
+        loss = total_loss(logits, y, terms, weights, ce_weight)
     accelerator.backward(loss)
     member.optimizer.step()
     member.optimizer.zero_grad(set_to_none=True)
@@ -367,10 +399,7 @@ def train_cohort(
                 x = channels_last(x)
                 t_taps = None
                 if use_teacher:
-                    with accelerator.autocast(), torch.inference_mode():
-                        t_taps = teacher_rec.collect(teacher(x))
-                    # clones leave inference mode, so autograd may save them for backward
-                    t_taps = {k: v.clone() for k, v in t_taps.items()}
+                    t_taps = teacher_taps(teacher, teacher_rec, x, accelerator)
                 n_steps += 1
                 for m, weights, ce_weight, sums in plan:
                     if m.error is not None:

@@ -18,6 +18,10 @@ class PluginError(KtBenchError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message, or its type's name when the message is empty."""
+    """``exc`` as one line: a kt-bench error's message as it is; any other exception's type
+    and the first line of its message (the type alone when the message is empty)."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else ""
+    if isinstance(exc, KtBenchError):
+        return line or type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

@@ -8,6 +8,8 @@ the members' weighted terms; nobody writes combinations by hand.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -16,7 +18,7 @@ from torch import nn
 
 from kt_bench.errors import ConfigError
 from kt_bench.registry import Registry
-from kt_bench.spec import accepted_options, check_options
+from kt_bench.spec import plain, resolve_options
 
 Taps = Mapping[str, torch.Tensor]
 Shapes = Mapping[str, torch.Size]
@@ -26,8 +28,13 @@ class Method(nn.Module):
     """Base class of a knowledge-transfer method (an ``nn.Module`` so it can own parameters).
 
     Subclasses set ``default_weight`` and take their options as keyword arguments of
-    ``__init__`` (each with a default); ``weight`` is always accepted and scales the method's
-    terms. ``taps`` lists the canonical taps needed from both student and teacher.
+    ``__init__``, each with a default that is a plain value (number, string, bool, list or
+    None); ``weight`` is always accepted and scales the method's terms. ``taps`` lists the
+    canonical taps needed from both student and teacher.
+
+    A method's options are data: :func:`build_method` records every keyword argument it was
+    built with (defaults included) in :attr:`options`, cells store them, and the runner
+    rebuilds the method from exactly those, whatever attributes the plugin keeps them in.
     """
 
     name: ClassVar[str] = ""
@@ -40,6 +47,8 @@ class Method(nn.Module):
         #: The cross-entropy weight this method trains with; None: the recipe's ``ce_weight``.
         #: Set by the option ``ce_weight``, which every method accepts.
         self.ce_weight: float | None = None
+        #: The complete options this method was built with (set by :func:`build_method`).
+        self.options: dict[str, Any] = {"weight": self.weight, "ce_weight": None}
 
     @property
     def needs_teacher(self) -> bool:
@@ -62,14 +71,18 @@ class Method(nn.Module):
         return 1.0
 
     def describe(self) -> dict[str, Any]:
-        """The method's resolved options (for result rows and cell ids)."""
-        out: dict[str, Any] = {"weight": self.weight}
-        if self.ce_weight is not None:
-            out["ce_weight"] = self.ce_weight
-        for key in accepted_options(type(self).__init__):
-            if key != "weight" and hasattr(self, key):
-                out[key] = getattr(self, key)
-        return out
+        """The method's complete options, as cells store them (``ce_weight`` included)."""
+        return dict(self.options)
+
+
+class CrossEntropyOnly(Method):
+    """No transfer: the student's cross-entropy only; the teacher never runs."""
+
+    default_weight = 0.0
+
+    def term_weights(self, epoch: int, epochs: int) -> dict[str, float]:
+        """No terms of its own."""
+        return {}
 
 
 class CombinedMethod(Method):
@@ -144,26 +157,85 @@ def split_method_name(spec: str) -> list[str]:
     return parts
 
 
+def _check_weight(value: Any, key: str, what: str) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value >= 0)
+    if not ok:
+        raise ConfigError(f"{what}: {key} = {value!r} is invalid; accepted: a finite number >= 0")
+
+
+def resolve_member(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The complete options of registered method ``name`` (no ``+``): its constructor's
+    defaults (``weight``: the class's ``default_weight``; ``ce_weight``: None, the recipe's)
+    with ``options`` on top, type-checked, in the plain form cells store."""
+    cls = METHODS.get(name)
+    what = f"method '{name}'"
+    opts = dict(options or {})
+    ce_weight = opts.pop("ce_weight", None)
+    resolved = resolve_options(cls.__init__, opts, what)
+    if resolved.get("weight") is None:
+        resolved["weight"] = float(cls.default_weight)
+    _check_weight(resolved["weight"], "weight", what)
+    if ce_weight is not None:
+        _check_weight(ce_weight, "ce_weight", what)
+        ce_weight = float(ce_weight)
+    resolved["ce_weight"] = ce_weight
+    return plain(resolved)
+
+
+def _build_member(name: str, resolved: Mapping[str, Any]) -> Method:
+    cls = METHODS.get(name)
+    kwargs = {k: v for k, v in resolved.items() if k != "ce_weight"}
+    # the constructor gets the annotated types back (tuples where it asks for tuples)
+    kwargs = resolve_options(cls.__init__, kwargs, f"method '{name}'")
+    try:
+        member = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method '{name}': {exc}") from None
+    member.ce_weight = resolved.get("ce_weight")
+    member.options = dict(resolved)
+    return member
+
+
 def build_method(spec: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> Method:
     """Instantiate method ``spec`` (``a`` or ``a+b+...``) with per-member ``options``.
 
     ``options`` maps a member name to its keyword options (e.g. ``{"kd": {"T": 2.0}}``);
-    an unknown option is a one-line error listing the accepted ones.
+    options not given take the constructor's defaults, and the built method records them all
+    (:meth:`Method.describe`). An unknown option or a value of the wrong type is a one-line
+    error listing what is accepted.
     """
     options = options or {}
-    members = []
-    for part in split_method_name(spec):
-        cls = METHODS.get(part)
-        opts = dict(options.get(part, {}))
-        ce_weight = opts.pop("ce_weight", None)
-        check_options(cls.__init__, opts, f"method '{part}'", extra=("ce_weight",))
-        try:
-            member = cls(**opts)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"method '{part}': {exc}") from None
-        if ce_weight is not None:
-            if not isinstance(ce_weight, (int, float)) or ce_weight < 0:
-                raise ConfigError(f"method '{part}': ce_weight must be a number >= 0")
-            member.ce_weight = float(ce_weight)
-        members.append(member)
+    members = [_build_member(part, resolve_member(part, options.get(part)))
+               for part in split_method_name(spec)]
     return members[0] if len(members) == 1 else CombinedMethod(members)
+
+
+def _storable(value: Any) -> bool:
+    try:
+        return json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError):
+        return False
+
+
+def method_config(spec: str, options: Mapping[str, Mapping[str, Any]] | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """Each member's complete options (``{"kd": {...}, "nst_poly": {...}}``), as a cell stores
+    them; checked to round-trip: the method built from the stored form reports the same
+    options, so nothing a cell runs with is lost. A plugin whose option cannot be stored (a
+    default that is no plain value) is a one-line error."""
+    options = options or {}
+    config = {part: resolve_member(part, options.get(part)) for part in split_method_name(spec)}
+    for part, resolved in config.items():
+        bad = [k for k, v in resolved.items() if not _storable(v)]
+        if bad:
+            raise ConfigError(f"method '{part}': option(s) {', '.join(bad)} cannot be "
+                              "stored in a cell's config; defaults must be plain values "
+                              "(numbers, strings, bools, lists or None)")
+        stored = json.loads(json.dumps(resolved))
+        rebuilt = _build_member(part, stored)
+        if rebuilt.describe() != resolved:
+            raise ConfigError(f"method '{part}': built from its stored options it reports "
+                              f"other options ({rebuilt.describe()} vs {resolved}); "
+                              "describe() must return the options it was built with")
+    return config

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from kt_bench.errors import KtBenchError, PluginError
+from kt_bench.errors import KtBenchError, PluginError, first_line
 from kt_bench.method import METHODS, Method
 
 BUILTIN_PACKAGE = "kt_bench.methods"
@@ -57,8 +57,7 @@ def load_plugin_file(path: Path) -> None:
         raise PluginError(f"plugin {path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of user code becomes one line
         sys.modules.pop(mod_name, None)
-        line = str(exc).splitlines()[0] if str(exc) else ""
-        raise PluginError(f"plugin {path} failed to import: {type(exc).__name__}: {line}") from None
+        raise PluginError(f"plugin {path} failed to import: {first_line(exc)}") from None
 
 
 def load_plugin_dir(folder: str | os.PathLike) -> None:
@@ -85,7 +84,7 @@ def load_entry_points() -> None:
         except Exception as exc:  # noqa: BLE001
             raise PluginError(
                 f"entry point '{ep.name} = {ep.value}' ({ENTRY_POINT_GROUP}) failed to load: "
-                f"{type(exc).__name__}: {exc}"
+                f"{first_line(exc)}"
             ) from None
         if inspect.isclass(obj) and issubclass(obj, Method) and not obj.name:
             obj.name = ep.name

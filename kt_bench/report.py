@@ -7,6 +7,7 @@ order), with a 95% t-interval over the seeds both cells have.
 
 from __future__ import annotations
 
+import json
 import math
 from importlib import resources
 
@@ -73,25 +74,77 @@ def _published(reference: pd.DataFrame | None, key: tuple, column: str) -> float
     return float(values.iloc[0]) if not values.empty else math.nan
 
 
+def _flatten(value, prefix: str = "") -> dict[str, str]:
+    """A nested config as ``{"recipe.epochs": "2", ...}``."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(value, sort_keys=True)}
+
+
+def config_labels(rows: pd.DataFrame, params: list[str]) -> dict:
+    """``config_id`` -> what sets that configuration apart from the other configurations of
+    the same (dataset, teacher, student, method) in ``rows`` (e.g. ``recipe.epochs=2``);
+    an empty label where a method has one configuration only."""
+    labels: dict = {}
+    if "config" not in rows or rows["config_id"].isna().all():
+        return labels
+    for _, group in rows.groupby(KEYS, sort=False, dropna=False):
+        configs = {cid: _flatten(json.loads(text)) for cid, text in
+                   group[["config_id", "config"]].dropna().drop_duplicates("config_id")
+                   .itertuples(index=False)}
+        if len(configs) < 2:
+            continue
+        keys = sorted(set().union(*configs.values()))
+        differ = [k for k in keys if len({c.get(k) for c in configs.values()}) > 1
+                  and _short_key(k) not in params]
+        for cid, flat in configs.items():
+            labels[cid] = ", ".join(f"{_short_key(k)}={flat.get(k, '-')}" for k in differ)
+    return labels
+
+
+def _short_key(key: str) -> str:
+    # method options are stored per member: method_config.kd.T -> kd.T
+    return key.removeprefix("method_config.")
+
+
+def _baseline_rows(ok: pd.DataFrame, key: tuple, group: pd.DataFrame) -> pd.DataFrame:
+    """The ``student`` rows a method's rows are paired with: same data and pair and, where
+    the rows say so, the same setting (recipe, precision, teacher)."""
+    base = ok[(ok["dataset"] == key[0]) & (ok["teacher"] == key[1])
+              & (ok["student"] == key[2]) & (ok["method"] == BASELINE)]
+    settings = group["setting_id"].dropna().unique()
+    if len(settings) == 1:
+        base = base[base["setting_id"] == settings[0]]
+    return base
+
+
 def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One tidy line per (dataset, teacher, student, method, swept values): seeds, mean and
-    std of top-1 (last epoch), mean top-1 (best epoch), mean top-5, the paired change against
-    the baseline with its interval, teacher top-1, cost, and the published figures."""
+    """One tidy line per configuration (dataset, teacher, student, method and everything
+    else a cell runs with but its seed): distinct seeds, mean and std of top-1 (last epoch),
+    mean top-1 (best epoch), mean top-5, the paired change against the ``student`` baseline
+    of the same setting with its interval, teacher top-1, cost, and the published figures.
+    Rows of different configurations are never pooled; ``config`` names what differs where a
+    method has several."""
     needed = ["top1", "top1_best", "top5", "teacher_top1", "wall_s", "images_per_s", "status",
-              "seed"]
+              "seed", "config_id", "setting_id"]
     rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *needed])))
     params = param_columns(rows)
-    keys = KEYS + params
+    keys = KEYS + params + ["config_id"]
+    labels = config_labels(rows, params)
     ok = rows[rows["status"] == "ok"]
     out = []
     for key, group in rows.groupby(keys, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         good = ok.loc[ok.index.intersection(group.index)]
-        base = ok[(ok["dataset"] == key[0]) & (ok["teacher"] == key[1])
-                  & (ok["student"] == key[2]) & (ok["method"] == BASELINE)]
+        base = _baseline_rows(ok, key, group)
         line = dict(zip(keys, key, strict=True))
         line.update(
-            seeds=len(good), top1=good["top1"].mean(), top1_std=good["top1"].std(ddof=1),
+            config=labels.get(line["config_id"], ""),
+            seeds=good["seed"].nunique(), top1=good["top1"].mean(),
+            top1_std=good["top1"].std(ddof=1),
             top1_best=good["top1_best"].mean(), top5=good["top5"].mean(),
             teacher_top1=pd.to_numeric(group["teacher_top1"], errors="coerce").mean(),
             wall_s=good["wall_s"].mean(), images_per_s=good["images_per_s"].mean(),
@@ -111,7 +164,8 @@ def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.D
         return table
     rank = {m: i for i, m in enumerate(method_order(table["method"]))}
     table["_r"] = table["method"].map(rank)
-    table = table.sort_values(["dataset", "teacher", "student", "_r", *params], kind="stable")
+    table = table.sort_values(["dataset", "teacher", "student", "_r", *params, "config"],
+                              kind="stable")
     return table.drop(columns="_r").reset_index(drop=True)
 
 
@@ -159,6 +213,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         "teacher → student": summary["teacher"] + " → " + summary["student"],
         "method": summary["method"],
         **{p: summary[p].map(lambda v: "" if pd.isna(v) else str(v)) for p in params},
+        "config": summary["config"],
         "seeds": summary["seeds"].astype(str),
         "top1": summary.apply(_mean_std, axis=1),
         "top1 best-epoch": summary["top1_best"].map(_num),
@@ -170,7 +225,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         "wall s": summary["wall_s"].map(lambda v: _num(v, ".1f")),
         "not ok": summary["not_ok"],
     })
-    for col in ("published top1", "published teacher top1", "not ok"):
+    for col in ("config", "published top1", "published teacher top1", "not ok"):
         if not (out[col] != "").any():
             out = out.drop(columns=col)
     return out
@@ -188,6 +243,8 @@ def comparison_table(rows: pd.DataFrame, fmt: str = "github",
 
 def _row_label(line: pd.Series, params: list[str]) -> str:
     swept = [f"{p}={line[p]}" for p in params if not pd.isna(line[p])]
+    if line.get("config"):
+        swept.append(line["config"])
     return line["method"] + (f" [{', '.join(swept)}]" if swept else "")
 
 

@@ -16,7 +16,7 @@ from kt_bench.report import (
     markdown_pivot,
     summarise,
 )
-from kt_bench.runner import read_rows
+from kt_bench.rows import read_rows
 
 
 def write_report(out: Path, rows: pd.DataFrame | None = None) -> Path:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -20,32 +19,15 @@ from kt_bench.cells import Cell
 from kt_bench.data import load_dataset
 from kt_bench.data.bundle import DataBundle
 from kt_bench.engine import DivergedError, TrainResult, train_cohort
-from kt_bench.errors import KtBenchError
+from kt_bench.errors import KtBenchError, first_line
 from kt_bench.locks import FileLock
 from kt_bench.method import build_method
+from kt_bench.rows import finished_row, result_path, write_results_csv
 from kt_bench.teachers import get_teacher
 
-RESULT_COLUMNS = [
-    "grid", "dataset", "teacher", "student", "method", "seed", "epochs", "top1", "top5",
-    "top1_best", "teacher_top1", "wall_s", "images_per_s", "world_size", "status", "error",
-    "cell_id",
-]
-#: Statuses of cells that are finished and never run again (failed and oom cells are retried).
-DONE_STATUSES = ("ok", "diverged")
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else ""
-    return msg if isinstance(exc, KtBenchError) else f"{type(exc).__name__}: {msg}"
-
-
-def base_row(cell: Cell, world_size: int) -> dict[str, Any]:
-    """The identifying columns of ``cell``'s row."""
-    return {"grid": cell.grid, "dataset": cell.dataset.label, "teacher": cell.teacher.label,
-            "student": cell.student.label, "method": cell.method, "seed": cell.seed,
-            "epochs": cell.recipe.epochs, "world_size": world_size, "cell_id": cell.cell_id,
-            "options": json.dumps(cell.method_config, sort_keys=True), **dict(cell.params)}
+def _row_identity(cell: Cell, world_size: int) -> dict[str, Any]:
+    return {**cell.identity(), "world_size": world_size}
 
 
 def _log_line(cell_dir: Path, text: str) -> None:
@@ -53,15 +35,9 @@ def _log_line(cell_dir: Path, text: str) -> None:
         fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
-def _tracker_config(cell: Cell) -> dict[str, Any]:
-    return {"method": cell.method, "seed": cell.seed, "dataset": cell.dataset.label,
-            "teacher": cell.teacher.label, "student": cell.student.label,
-            "epochs": cell.recipe.epochs, "lr": cell.recipe.lr, **dict(cell.params)}
-
-
 def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None,
              world_size: int, teacher_top1: float | None) -> dict[str, Any]:
-    row = base_row(cell, world_size)
+    row = _row_identity(cell, world_size)
     if teacher_top1 is not None:
         row["teacher_top1"] = teacher_top1
     if error is None and result is not None:
@@ -69,11 +45,11 @@ def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None
                    wall_s=result.wall_s, images_per_s=result.images_per_s, status="ok",
                    error="")
     elif isinstance(error, DivergedError):
-        row.update(status="diverged", error=_one_line(error))
+        row.update(status="diverged", error=first_line(error))
     elif isinstance(error, torch.cuda.OutOfMemoryError):
-        row.update(status="oom", error=_one_line(error))
+        row.update(status="oom", error=first_line(error))
     else:
-        row.update(status="failed", error=_one_line(error))
+        row.update(status="failed", error=first_line(error))
     return row
 
 
@@ -108,7 +84,8 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
         return on_epoch
 
     if accelerator.log_with:  # a run of its own per cell, in <out>/tracking/<cell_id>
-        accelerator.init_trackers(cells[0].cell_id, config=_tracker_config(cells[0]))
+        config = {k: v for k, v in cells[0].identity().items() if k != "config"}
+        accelerator.init_trackers(cells[0].cell_id, config=config)
     teacher_top1 = None
     try:
         teacher, t_metrics = get_teacher(cells[0], data, accelerator, teacher_cache)
@@ -137,38 +114,6 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
         for row, cell_dir in zip(rows, dirs, strict=True):
             _log_line(cell_dir, f"end status={row['status']} {row.get('error', '')}".rstrip())
     return rows
-
-
-def read_rows(out: Path) -> pd.DataFrame:
-    """All result rows under ``out/cells`` as a DataFrame with the result columns first."""
-    rows = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/result.json"))]
-    df = pd.DataFrame(rows)
-    for col in RESULT_COLUMNS:
-        if col not in df:
-            df[col] = pd.NA
-    extra = [c for c in df.columns if c not in RESULT_COLUMNS]
-    return df[RESULT_COLUMNS + extra]
-
-
-def write_results_csv(out: Path) -> pd.DataFrame:
-    """Rebuild ``out/results.csv`` atomically from the cells' rows; return the rows.
-
-    Rebuilds are serialised by a lock, so the last one always sees every finished row.
-    """
-    with FileLock(out / ".results.lock"):
-        df = read_rows(out)
-        atomic.write_text(out / "results.csv", df.to_csv(index=False))
-    return df
-
-
-def finished_row(out: Path, cell: Cell) -> dict[str, Any] | None:
-    """The cell's row if it finished (status ok or diverged), else None."""
-    path = out / "cells" / cell.cell_id / "result.json"
-    if path.exists():
-        row = json.loads(path.read_text())
-        if row.get("status") in DONE_STATUSES:
-            return row
-    return None
 
 
 def cohort_key(cell: Cell) -> str:
@@ -244,10 +189,10 @@ def _claim(group: list[tuple[int, Cell]], out: Path, accelerator: Accelerator):
     if accelerator.is_main_process:
         for i, cell in group:
             lock = FileLock(out / "cells" / cell.cell_id / "lock")
-            if finished_row(out, cell) is None and not lock.acquire(blocking=False):
+            if finished_row(out, cell.cell_id) is None and not lock.acquire(blocking=False):
                 later.append((i, cell))
                 continue
-            row = finished_row(out, cell)  # checked again, now under the lock
+            row = finished_row(out, cell.cell_id)  # checked again, now under the lock
             if row is not None:
                 lock.release()
                 done.append((i, row))
@@ -274,8 +219,8 @@ def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teach
         if key not in datasets:
             datasets[key] = load_dataset(cells[0].dataset, data_root)
     except KtBenchError as exc:
-        rows = [{**base_row(c, accelerator.num_processes), "status": "failed",
-                 "error": _one_line(exc)} for c in cells]
+        rows = [{**_row_identity(c, accelerator.num_processes), "status": "failed",
+                 "error": first_line(exc)} for c in cells]
     else:
         rows = run_group(cells, out, accelerator, teacher_cache, datasets[key], compile)
         if len(cells) > 1 and any(r["status"] == "oom" for r in rows):
@@ -284,6 +229,6 @@ def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teach
                     if r["status"] == "oom" else r for c, r in zip(cells, rows, strict=True)]
     if accelerator.is_main_process:
         for cell, row in zip(cells, rows, strict=True):
-            atomic.write_json(out / "cells" / cell.cell_id / "result.json", row)
+            atomic.write_json(result_path(out, cell.cell_id), row)
         write_results_csv(out)
     return rows

@@ -19,19 +19,13 @@ MANIFEST = "manifest.json"
 RUNNING, INTERRUPTED, PENDING = "running", "interrupted", "pending"
 
 
-def _describe(cell: Cell) -> dict[str, Any]:
-    return {"cell_id": cell.cell_id, "grid": cell.grid, "dataset": cell.dataset.label,
-            "teacher": cell.teacher.label, "student": cell.student.label,
-            "method": cell.method, "seed": cell.seed, "epochs": cell.recipe.epochs}
-
-
 def write_manifest(out: Path, cells: list[Cell]) -> None:
     """Add ``cells`` to ``out/manifest.json`` (the cells asked for in this folder), so that
     cells not started yet show as pending."""
     with FileLock(out / ".manifest.lock"):
         path = out / MANIFEST
         known = json.loads(path.read_text()) if path.exists() else {}
-        known.update({c.cell_id: _describe(c) for c in cells})
+        known.update({c.cell_id: c.identity() for c in cells})
         atomic.write_json(path, known)
 
 

@@ -14,7 +14,7 @@ from kt_bench.data.bundle import DataBundle
 from kt_bench.engine import evaluate, train
 from kt_bench.errors import KtBenchError
 from kt_bench.locks import FileLock
-from kt_bench.method import build_method
+from kt_bench.method import CrossEntropyOnly
 from kt_bench.models import build_model
 
 
@@ -83,8 +83,9 @@ def _get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
                                      "config": cell.teacher_config()})
         return model.eval(), metrics
     ckpt = path.with_suffix(".ckpt")
-    result = train(data, cell.teacher, build_method("student"), cell.teacher_recipe, cell.seed,
-                   accelerator, checkpoint=ckpt, desc=f"teacher {cell.teacher.label}")
+    result = train(data, cell.teacher, CrossEntropyOnly(), cell.teacher_recipe,
+                   cell.teacher_training_seed, accelerator, checkpoint=ckpt,
+                   desc=f"teacher {cell.teacher.label}")
     metrics = {"top1": result.top1, "top5": result.top5, "wall_s": result.wall_s}
     if accelerator.is_main_process:
         atomic.torch_save(path, {"model": result.model.state_dict(), "metrics": metrics,

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from kt_bench.cli import main
-from kt_bench.runner import RESULT_COLUMNS
+from kt_bench.rows import RESULT_COLUMNS
 
 from .conftest import write_tiny_grid
 
@@ -57,10 +57,11 @@ def test_run_writes_tidy_rows_prints_the_table_and_reuses_the_teacher(tmp_path, 
 def test_dry_run_lists_the_demo_cells(capsys):
     code, stdout, _ = run_cli(capsys, "run", "--grid", "demo", "--dry-run")
     assert code == 0
-    assert "8 cells; results would go to results/demo" in stdout
+    assert "24 cells; results would go to results/demo" in stdout
     for m in ("student", "kd", "fitnet", "at", "nst_linear", "nst_poly", "nst_gauss",
               "kd+nst_poly"):
-        assert re.search(rf"\s{re.escape(m)}\s+0\s+12\s+[0-9.]+\n", stdout), m
+        for seed in (0, 1, 2):
+            assert re.search(rf"\s{re.escape(m)}\s+{seed}\s+12\s+[0-9.]+\n", stdout), m
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -23,7 +23,7 @@ from kt_bench.engine import evaluate, make_accelerator, train
 from kt_bench.launch import JobSettings, executor_parameters, submit
 from kt_bench.method import build_method
 from kt_bench.models import build_model
-from kt_bench.runner import read_rows
+from kt_bench.rows import read_rows
 from kt_bench.spec import Spec
 
 pytest.importorskip("submitit")
@@ -49,7 +49,7 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 
 def _demo_args(teacher: Path, out: Path, *extra: str) -> list[str]:
     return ["run", "--grid", "demo", "--teacher-checkpoint", str(teacher), "--device", "cpu",
-            "--no-report", "--out", str(out), *extra]
+            "--no-report", "--out", str(out), "--seeds", "0", *extra]
 
 
 def _rows(out: Path):
@@ -132,7 +132,7 @@ def test_a_preempted_local_job_is_requeued_and_resumes_from_the_checkpoint(tmp_p
     load_plugins()
     grid = load_grid("demo")
     grid.recipe = dataclasses.replace(grid.recipe, epochs=5)
-    cells = select(expand(grid, "no", str(teacher_ckpt)), ["method=kd"])
+    cells = select(expand(grid, "no", str(teacher_ckpt)), ["method=kd", "seed=0"])
     out = tmp_path / "pre"
     (job,) = submit([cells], "local", LauncherConfig(),
                     JobSettings(str(out), str(out / "teachers"), device="cpu"))
@@ -164,7 +164,8 @@ def test_status_shows_each_cells_state(tmp_path, capsys):
     from kt_bench.status import write_manifest
 
     load_plugins()
-    cells = select(expand(load_grid("demo")), ["method=student,kd,fitnet,at,nst_poly"])
+    cells = select(expand(load_grid("demo")), ["method=student,kd,fitnet,at,nst_poly",
+                                               "seed=0"])
     assert [c.method for c in cells] == ["student", "kd", "fitnet", "at", "nst_poly"]
     write_manifest(tmp_path, cells)
     dirs = [tmp_path / "cells" / c.cell_id for c in cells]
@@ -216,7 +217,7 @@ def test_slurm_job_requests_and_bad_launcher_input(tmp_path, capsys):
     if not any((Path(p) / "srun").exists() for p in os.environ["PATH"].split(os.pathsep)):
         assert main(["run", "--grid", "demo", "--launcher", "slurm", "--out",
                      str(tmp_path / "s")]) == 2
-        assert ('cannot submit to slurm: Could not detect "srun"'
+        assert ('cannot submit to slurm: RuntimeError: Could not detect "srun"'
                 in capsys.readouterr().err)
 
 

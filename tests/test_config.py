@@ -85,7 +85,7 @@ def test_composite_grid_includes_others_and_rejects_cycles(tmp_path):
     (tmp_path / "both.toml").write_text('name = "both"\ninclude = ["tiny.toml", "demo"]\n')
     grid = load_grid(str(tmp_path / "both.toml"))
     cells = expand(grid)
-    assert len(cells) == 2 + 8 and {c.grid for c in cells} == {"both"}
+    assert len(cells) == 2 + 3 * 8 and {c.grid for c in cells} == {"both"}
     assert {c.recipe.epochs for c in cells} == {2, 12}  # each part keeps its own recipe
     (tmp_path / "loop.toml").write_text('name = "loop"\ninclude = ["loop.toml"]\n')
     with pytest.raises(ConfigError, match="include 'loop.toml' forms a cycle"):
