@@ -24,11 +24,11 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from kt_bench import atomic
+from kt_bench.checkpoints import restore_training, save_checkpoint
 from kt_bench.config import Recipe
 from kt_bench.data.bundle import DataBundle, derived_seed
 from kt_bench.errors import KtBenchError, first_line
-from kt_bench.method import Method
+from kt_bench.method import Batch, Method
 from kt_bench.models import build_model
 from kt_bench.spec import Spec
 from kt_bench.taps import TapRecorder
@@ -93,11 +93,11 @@ class Trainee(nn.Module):
         self.method = method
         self.recorder = TapRecorder(student, student.tap_map, method.taps)
 
-    def forward(self, x: torch.Tensor, teacher_taps: dict | None):
+    def forward(self, x: torch.Tensor, teacher_taps: dict | None, batch: Batch | None = None):
         """The student's logits and the method's unweighted loss terms."""
         logits = self.student(x)
         taps = self.recorder.collect(logits)
-        terms = self.method.loss_terms(taps, teacher_taps) if teacher_taps is not None else {}
+        terms = self.method.terms(taps, teacher_taps, batch) if teacher_taps is not None else {}
         return logits, terms
 
 
@@ -105,7 +105,8 @@ class Trainee(nn.Module):
 class TrainResult:
     """What one training run produced."""
 
-    model: nn.Module
+    #: The trained student (None where it failed to start).
+    model: nn.Module | None
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     train_s: float = 0.0
@@ -181,11 +182,12 @@ def tap_shapes(model: nn.Module, taps: tuple[str, ...], x: torch.Tensor) -> dict
 
 @dataclass
 class _Member:
-    """One student of a cohort with everything it owns."""
+    """One student of a cohort with everything it owns (``trainee``, ``optimizer`` and
+    ``scheduler`` are None for a student that failed to start; ``error`` says why)."""
 
     method: Method
-    trainee: nn.Module
-    optimizer: torch.optim.Optimizer
+    trainee: nn.Module | None
+    optimizer: torch.optim.Optimizer | None
     scheduler: Any
     checkpoint: Path | None
     on_epoch: Callable[[list[dict[str, Any]]], None] | None
@@ -231,13 +233,12 @@ def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: R
     scheduler = make_scheduler(optimizer, recipe)
     member = _Member(method, trainee, optimizer, scheduler, checkpoint, on_epoch,
                      base_ce_weight(method, recipe))
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        trainee.load_state_dict(state["trainee"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        member.history, member.train_s, member.images = (state["history"], state["train_s"],
-                                                         state["images"])
+    if checkpoint is not None:  # a damaged one is set aside: the previous copy, or scratch
+        state = restore_training(checkpoint, trainee, optimizer, scheduler,
+                                 accelerator.is_main_process)
+        if state is not None:
+            member.history, member.train_s, member.images = (state["history"],
+                                                             state["train_s"], state["images"])
     member.trainee, member.optimizer = accelerator.prepare(trainee, optimizer)
     return member
 
@@ -282,10 +283,10 @@ def teacher_taps(teacher: nn.Module, recorder: TapRecorder, x: torch.Tensor,
 
 def _step(member: _Member, accelerator: Accelerator, x: torch.Tensor, y: torch.Tensor,
           t_taps: dict | None, weights: dict[str, float], ce_weight: float,
-          sums: dict[str, torch.Tensor], log_step: int | None) -> None:
+          sums: dict[str, torch.Tensor], log_step: int | None, epoch: int, epochs: int) -> None:
     """One optimisation step of one student; loss terms are summed on the device."""
     with accelerator.autocast():
-        logits, terms = member.trainee(x, t_taps)
+        logits, terms = member.trainee(x, t_taps, Batch(y, epoch, epochs))
         loss = total_loss(logits, y, terms, weights, ce_weight)
     accelerator.backward(loss)
     member.optimizer.step()
@@ -316,7 +317,7 @@ def _end_epoch(member: _Member, accelerator: Accelerator, data: DataBundle, reci
                         step=(epoch + 1) * steps)
     if accelerator.is_main_process:
         if member.checkpoint is not None:
-            atomic.torch_save(member.checkpoint, {
+            save_checkpoint(member.checkpoint, {
                 "trainee": accelerator.unwrap_model(member.trainee).state_dict(),
                 "optimizer": member.optimizer.state_dict(),
                 "scheduler": member.scheduler.state_dict(),
@@ -363,18 +364,23 @@ def train_cohort(
     if needs_teacher:
         teacher = teacher.to(accelerator.device, memory_format=torch.channels_last)
         teacher = teacher.eval().requires_grad_(False)
-    members = [_make_member(data, student_spec, m, recipe, seed, accelerator, teacher, c, cb,
-                            compile)
-               for m, c, cb in zip(methods, checkpoints, on_epoch, strict=True)]
+    members = []
+    for m, c, cb in zip(methods, checkpoints, on_epoch, strict=True):
+        try:
+            members.append(_make_member(data, student_spec, m, recipe, seed, accelerator,
+                                        teacher, c, cb, compile))
+        except Exception as exc:  # noqa: BLE001 - a student that cannot start stops alone
+            members.append(_Member(m, None, None, None, c, cb, 0.0, error=exc))
     if needs_teacher:
         if compile:  # after the members' shape probes, which would each compile it again
             compile_model(teacher)
-        taps = tuple(dict.fromkeys(t for m in methods for t in m.taps))
+        # the taps of the students that started (a bad tap stopped its own student above)
+        taps = tuple(dict.fromkeys(t for m in members if m.error is None for t in m.method.taps))
         teacher_rec = TapRecorder(teacher, teacher.tap_map, taps)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     steps = math.ceil(data.n_train / recipe.batch_size)
-    first = min(m.start_epoch for m in members)
+    first = min((m.start_epoch for m in members if m.error is None), default=recipe.epochs)
     bar = tqdm(total=steps * (recipe.epochs - first), desc=desc, leave=False,
                disable=not accelerator.is_local_main_process, unit="step")
     logging = bool(accelerator.trackers) and len(members) == 1
@@ -407,7 +413,7 @@ def train_cohort(
                     try:
                         _step(m, accelerator, x, y, t_taps if m.method.needs_teacher else None,
                               weights, ce_weight, sums,
-                              epoch * steps + n_steps if logging else None)
+                              epoch * steps + n_steps if logging else None, epoch, recipe.epochs)
                     except Exception as exc:  # noqa: BLE001
                         m.error = exc
                     m.images += x.shape[0] * world
@@ -428,8 +434,9 @@ def train_cohort(
         if teacher_rec is not None:
             teacher_rec.remove()
     wall = time.perf_counter() - started
-    return [TrainResult(accelerator.unwrap_model(m.trainee).student, m.history, wall, m.train_s,
-                        m.images, m.epoch_s, m.error) for m in members]
+    return [TrainResult(accelerator.unwrap_model(m.trainee).student if m.trainee else None,
+                        m.history, wall, m.train_s, m.images, m.epoch_s, m.error)
+            for m in members]
 
 
 def train(

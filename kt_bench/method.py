@@ -8,20 +8,36 @@ the members' weighted terms; nobody writes combinations by hand.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from kt_bench.errors import ConfigError
+from kt_bench.errors import ConfigError, first_line
 from kt_bench.registry import Registry
 from kt_bench.spec import plain, resolve_options
 
 Taps = Mapping[str, torch.Tensor]
 Shapes = Mapping[str, torch.Size]
+
+
+class MethodBuildError(ConfigError):
+    """A method plugin whose constructor raised for valid options (a bug in the plugin)."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a method may read of the training batch besides the taps: the labels, and where
+    the step is in training (``epoch`` is 0-based, of ``epochs``)."""
+
+    labels: torch.Tensor
+    epoch: int = 0
+    epochs: int = 1
 
 
 class Method(nn.Module):
@@ -58,9 +74,24 @@ class Method(nn.Module):
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
         """Build trainable parts from the taps' shapes (one batch, seen before training)."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a plugin reads the batch by declaring a ``batch`` parameter of loss_terms
+        cls._wants_batch = "batch" in inspect.signature(cls.loss_terms).parameters
+
     def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
-        """The method's unweighted loss terms, each a scalar tensor, keyed by term name."""
+        """The method's unweighted loss terms, each a scalar tensor, keyed by term name.
+
+        A method that needs the batch's labels (or its place in training) declares a third
+        parameter ``batch`` (a :class:`Batch`): ``loss_terms(self, student, teacher, batch)``.
+        """
         return {}
+
+    def terms(self, student: Taps, teacher: Taps, batch: Batch | None) -> dict[str, torch.Tensor]:
+        """:meth:`loss_terms`, given the batch where the method asks for it."""
+        if self._wants_batch:
+            return self.loss_terms(student, teacher, batch)
+        return self.loss_terms(student, teacher)
 
     def term_weights(self, epoch: int, epochs: int) -> dict[str, float]:
         """Weight of each term in ``epoch`` (0-based) of ``epochs``; default: ``weight`` always."""
@@ -103,11 +134,12 @@ class CombinedMethod(Method):
         for m in self.members:
             m.setup(student_shapes, teacher_shapes)
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch | None = None
+                   ) -> dict[str, torch.Tensor]:
         """The union of the members' terms."""
         out: dict[str, torch.Tensor] = {}
         for m in self.members:
-            out.update(m.loss_terms(student, teacher))
+            out.update(m.terms(student, teacher, batch))
         return out
 
     def term_weights(self, epoch: int, epochs: int) -> dict[str, float]:
@@ -190,8 +222,10 @@ def _build_member(name: str, resolved: Mapping[str, Any]) -> Method:
     kwargs = resolve_options(cls.__init__, kwargs, f"method '{name}'")
     try:
         member = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # a bad option value: the grid's error
         raise ConfigError(f"method '{name}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a broken plugin: its cells' error
+        raise MethodBuildError(f"method '{name}' failed to build: {first_line(exc)}") from None
     member.ce_weight = resolved.get("ce_weight")
     member.options = dict(resolved)
     return member
@@ -233,7 +267,10 @@ def method_config(spec: str, options: Mapping[str, Mapping[str, Any]] | None = N
                               "stored in a cell's config; defaults must be plain values "
                               "(numbers, strings, bools, lists or None)")
         stored = json.loads(json.dumps(resolved))
-        rebuilt = _build_member(part, stored)
+        try:
+            rebuilt = _build_member(part, stored)
+        except MethodBuildError:
+            continue  # not the options' fault: the cells of this method fail, the grid runs
         if rebuilt.describe() != resolved:
             raise ConfigError(f"method '{part}': built from its stored options it reports "
                               f"other options ({rebuilt.describe()} vs {resolved}); "

@@ -6,7 +6,7 @@ quickly.
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,24 @@ def result_path(out: Path, cell_id: str) -> Path:
     return out / "cells" / cell_id / "result.json"
 
 
+def read_row(path: Path) -> dict[str, Any] | None:
+    """The row in ``path``; None when it is missing or damaged (not a JSON object with a
+    status)."""
+    row = atomic.read_json(path)
+    return row if isinstance(row, dict) and isinstance(row.get("status"), str) else None
+
+
 def read_rows(out: Path) -> pd.DataFrame:
-    """All result rows under ``out/cells`` as a DataFrame with the result columns first."""
-    rows = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/result.json"))]
+    """All result rows under ``out/cells`` as a DataFrame with the result columns first; a
+    damaged row is left out, with a warning on stderr naming its file."""
+    rows = []
+    for path in sorted((out / "cells").glob("*/result.json")):
+        row = read_row(path)
+        if row is None:
+            print(f"kt-bench: warning: {path} is damaged (not a result row); left out; "
+                  "a new run of the grid runs its cell again", file=sys.stderr)
+        else:
+            rows.append(row)
     df = pd.DataFrame(rows)
     for col in RESULT_COLUMNS:
         if col not in df:
@@ -52,10 +67,17 @@ def write_results_csv(out: Path) -> pd.DataFrame:
 
 
 def finished_row(out: Path, cell_id: str) -> dict[str, Any] | None:
-    """The row of cell ``cell_id`` if it finished (status ok or diverged), else None."""
+    """The row of cell ``cell_id`` if it finished (status ok or diverged), else None. A
+    damaged row counts as none: it is moved aside (named in a warning), and the cell runs
+    again."""
     path = result_path(out, cell_id)
-    if path.exists():
-        row = json.loads(path.read_text())
-        if row.get("status") in DONE_STATUSES:
-            return row
-    return None
+    if not path.exists():
+        return None
+    row = read_row(path)
+    if row is None:
+        aside = atomic.move_aside(path)
+        if aside is not None:
+            print(f"kt-bench: warning: {path} is damaged (not a result row); kept as "
+                  f"{aside.name}; the cell runs again", file=sys.stderr)
+        return None
+    return row if row["status"] in DONE_STATUSES else None

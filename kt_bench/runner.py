@@ -21,7 +21,7 @@ from kt_bench.data.bundle import DataBundle
 from kt_bench.engine import DivergedError, TrainResult, train_cohort
 from kt_bench.errors import KtBenchError, first_line
 from kt_bench.locks import FileLock
-from kt_bench.method import build_method
+from kt_bench.method import Method, build_method
 from kt_bench.rows import finished_row, result_path, write_results_csv
 from kt_bench.teachers import get_teacher
 
@@ -90,14 +90,25 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     try:
         teacher, t_metrics = get_teacher(cells[0], data, accelerator, teacher_cache)
         teacher_top1 = t_metrics["top1"]
-        methods = [build_method(c.method, c.method_config) for c in cells]
-        desc = (f"{cells[0].method} s{cells[0].seed}" if len(cells) == 1
-                else f"cohort of {len(cells)} s{cells[0].seed}")
-        results = train_cohort(data, cells[0].student, methods, cells[0].recipe, cells[0].seed,
-                               accelerator, teacher, [d / "checkpoint.pt" for d in dirs], desc,
-                               [logger(d) for d in dirs], compile)
-        rows = [_row_for(c, r, r.error, accelerator.num_processes, teacher_top1)
-                for c, r in zip(cells, results, strict=True)]
+        built: dict[int, Method] = {}
+        errors: dict[int, BaseException] = {}
+        for i, c in enumerate(cells):  # a plugin that cannot be built fails its own cell only
+            try:
+                built[i] = build_method(c.method, c.method_config)
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = exc
+        results: dict[int, TrainResult] = {}
+        if built:
+            desc = (f"{cells[0].method} s{cells[0].seed}" if len(cells) == 1
+                    else f"cohort of {len(built)} s{cells[0].seed}")
+            trained = train_cohort(data, cells[0].student, list(built.values()),
+                                   cells[0].recipe, cells[0].seed, accelerator, teacher,
+                                   [dirs[i] / "checkpoint.pt" for i in built], desc,
+                                   [logger(dirs[i]) for i in built], compile)
+            results = dict(zip(built, trained, strict=True))
+        rows = [_row_for(c, results.get(i), results[i].error if i in results else errors[i],
+                         accelerator.num_processes, teacher_top1)
+                for i, c in enumerate(cells)]
     except (KeyboardInterrupt, SystemExit):  # stopped (e.g. a preempted job): resumable
         if main:
             for cell_dir in dirs:

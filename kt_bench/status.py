@@ -3,7 +3,7 @@ runners write (no scheduler is asked, so it works for plain, local and Slurm run
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +11,10 @@ import pandas as pd
 
 from kt_bench import atomic
 from kt_bench.cells import Cell
+from kt_bench.checkpoints import previous_path
 from kt_bench.errors import KtBenchError
 from kt_bench.locks import FileLock, holder
+from kt_bench.rows import read_row
 
 MANIFEST = "manifest.json"
 #: A cell's state when it has no row yet.
@@ -23,10 +25,34 @@ def write_manifest(out: Path, cells: list[Cell]) -> None:
     """Add ``cells`` to ``out/manifest.json`` (the cells asked for in this folder), so that
     cells not started yet show as pending."""
     with FileLock(out / ".manifest.lock"):
-        path = out / MANIFEST
-        known = json.loads(path.read_text()) if path.exists() else {}
+        known = _read_manifest(out, "rewritten")
         known.update({c.cell_id: c.identity() for c in cells})
-        atomic.write_json(path, known)
+        atomic.write_json(out / MANIFEST, known)
+
+
+def _read_manifest(out: Path, then: str) -> dict[str, dict[str, Any]]:
+    """The cells of ``out/manifest.json``; none (with a warning saying ``then``) when it is
+    damaged."""
+    path = out / MANIFEST
+    if not path.exists():
+        return {}
+    known = atomic.read_json(path)
+    if not isinstance(known, dict):
+        print(f"kt-bench: warning: {path} is damaged (not a JSON object); {then}",
+              file=sys.stderr)
+        return {}
+    return {k: v for k, v in known.items() if isinstance(v, dict)}
+
+
+def _identity_from_config(cell_dir: Path) -> dict[str, Any]:
+    """What a cell's ``config.json`` says of it; its id alone when that file is damaged."""
+    cfg = atomic.read_json(cell_dir / "config.json")
+    info: dict[str, Any] = {"cell_id": cell_dir.name}
+    if isinstance(cfg, dict):
+        recipe = cfg.get("recipe")
+        info.update(method=cfg.get("method"), seed=cfg.get("seed"),
+                    epochs=recipe.get("epochs") if isinstance(recipe, dict) else None)
+    return info
 
 
 def _epochs_done(cell_dir: Path) -> int:
@@ -37,14 +63,10 @@ def _epochs_done(cell_dir: Path) -> int:
 def cell_states(out: Path) -> pd.DataFrame:
     """One row per cell of ``out``: its identity, state (a row's status, or running,
     interrupted, pending), epochs done and, while running, who runs it."""
-    path = out / MANIFEST
-    known: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+    known = _read_manifest(out, "shown from the cells' config.json files")
     for cfg_path in sorted((out / "cells").glob("*/config.json")):
-        cell_id = cfg_path.parent.name
-        if cell_id not in known:
-            cfg = json.loads(cfg_path.read_text())
-            known[cell_id] = {"cell_id": cell_id, "method": cfg["method"], "seed": cfg["seed"],
-                              "epochs": cfg["recipe"]["epochs"]}
+        if cfg_path.parent.name not in known:
+            known[cfg_path.parent.name] = _identity_from_config(cfg_path.parent)
     if not known:
         raise KtBenchError(f"{out} holds no cells (no {MANIFEST}, no cells/*/config.json); "
                            "give a run's --out folder")
@@ -54,18 +76,31 @@ def cell_states(out: Path) -> pd.DataFrame:
         row = dict(info)
         row["done"] = _epochs_done(cell_dir)
         who = holder(cell_dir / "lock")
-        result = cell_dir / "result.json"
+        result = read_row(cell_dir / "result.json")
+        checkpoint = cell_dir / "checkpoint.pt"
         if who is not None:
             row.update(state=RUNNING, where=who.rsplit(" ", 1)[0])
-        elif result.exists():
-            r = json.loads(result.read_text())
-            row.update(state=r["status"], error=r.get("error", ""), top1=r.get("top1"))
-        elif (cell_dir / "checkpoint.pt").exists():
+        elif result is not None:
+            row.update(state=result["status"], error=result.get("error", ""),
+                       top1=result.get("top1"))
+        elif checkpoint.exists() or previous_path(checkpoint).exists():
             row["state"] = INTERRUPTED
         else:
             row["state"] = PENDING
+        if result is None and (cell_dir / "result.json").exists():
+            row["error"] = "result.json is damaged; a run redoes the cell"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _shown(value: Any) -> str:
+    """``value`` in the status table: blank when missing (a cell known only by its id), whole
+    numbers without a decimal point (a column with a blank turns to floats)."""
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def format_status(states: pd.DataFrame) -> str:
@@ -74,8 +109,10 @@ def format_status(states: pd.DataFrame) -> str:
 
     cols = [c for c in ("cell_id", "dataset", "teacher", "student", "method", "seed", "state")
             if c in states]
-    table = states[cols].copy()
-    table["epochs"] = [f"{d}/{e}" for d, e in zip(states["done"], states["epochs"], strict=True)]
+    table = states[cols].astype(object).map(_shown)
+    epochs = states["epochs"] if "epochs" in states else [None] * len(states)
+    table["epochs"] = [f"{d}/{_shown(e) or '?'}" for d, e in zip(states["done"], epochs,
+                                                                  strict=True)]
     notes = []
     for r in states.to_dict("records"):
         if r["state"] == RUNNING:
@@ -87,7 +124,6 @@ def format_status(states: pd.DataFrame) -> str:
         else:
             notes.append("")
     table["note"] = notes
-    table = table.fillna("")
     counts = states["state"].value_counts()
     order = ["ok", "diverged", "failed", "oom", RUNNING, INTERRUPTED, PENDING]
     order += sorted(set(counts.index) - set(order))

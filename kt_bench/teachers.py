@@ -10,9 +10,10 @@ from torch import nn
 
 from kt_bench import atomic
 from kt_bench.cells import Cell, config_hash
+from kt_bench.checkpoints import load_checkpoint, log_beside, remove_checkpoint
 from kt_bench.data.bundle import DataBundle
 from kt_bench.engine import evaluate, train
-from kt_bench.errors import KtBenchError
+from kt_bench.errors import KtBenchError, first_line
 from kt_bench.locks import FileLock
 from kt_bench.method import CrossEntropyOnly
 from kt_bench.models import build_model
@@ -31,12 +32,16 @@ def load_state(model: nn.Module, checkpoint: str) -> None:
     except FileNotFoundError:
         raise KtBenchError(f"teacher checkpoint {checkpoint} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - a broken file is one line
-        raise KtBenchError(f"teacher checkpoint {checkpoint} cannot be read: {exc}") from None
+        raise KtBenchError(f"teacher checkpoint {checkpoint} cannot be read: "
+                           f"{first_line(exc)}") from None
     for key in ("model", "state_dict", "net"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not isinstance(state, dict):
+        raise KtBenchError(f"teacher checkpoint {checkpoint} holds a {type(state).__name__}, "
+                           "not a state dict")
+    state = {str(k).removeprefix("module."): v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -66,13 +71,31 @@ def get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
             lock.release()
 
 
+def _load_cached(cell: Cell, data: DataBundle, accelerator: Accelerator,
+                 path: Path) -> tuple[nn.Module, dict] | None:
+    """The cached teacher at ``path`` and its metrics; None when there is none, or when it is
+    damaged (then it is moved aside, and named on stderr and in the cache's log.txt)."""
+    if not path.exists():
+        return None
+    model = build_model(cell.teacher, data.num_classes, data.in_channels)
+
+    def apply(state: dict) -> None:
+        model.load_state_dict(state["model"])
+        float(state["metrics"]["top1"])  # a cache without its accuracy is no cache
+
+    again = ("loading and evaluating it again" if cell.teacher_is_pretrained
+             else "training it again")
+    state = load_checkpoint(path, ("model", "metrics"), log_beside(path), apply,
+                            accelerator.is_main_process, again)
+    return None if state is None else (model.eval(), state["metrics"])
+
+
 def _get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
                  path: Path) -> tuple[nn.Module, dict]:
+    cached = _load_cached(cell, data, accelerator, path)
+    if cached is not None:
+        return cached
     model = build_model(cell.teacher, data.num_classes, data.in_channels)
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        return model.eval(), state["metrics"]
     if cell.teacher_is_pretrained:
         if cell.teacher_checkpoint:
             load_state(model, cell.teacher_checkpoint)
@@ -90,5 +113,5 @@ def _get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
     if accelerator.is_main_process:
         atomic.torch_save(path, {"model": result.model.state_dict(), "metrics": metrics,
                                  "config": cell.teacher_config()})
-        ckpt.unlink(missing_ok=True)
+        remove_checkpoint(ckpt)
     return result.model.eval(), metrics

@@ -15,7 +15,7 @@ from torch import nn
 from kt_bench.cells import Cell, expand
 from kt_bench.config import load_grid
 from kt_bench.engine import Trainee, base_ce_weight, setup_method, teacher_taps, total_loss
-from kt_bench.method import build_method
+from kt_bench.method import Batch, build_method
 from kt_bench.models import build_model
 from kt_bench.taps import TapRecorder
 
@@ -36,20 +36,24 @@ def _perturb_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
                 m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
 
 
-def kt_bench_loss(cell: Cell, student: nn.Module, teacher: nn.Module, x, y):
-    """The loss the cell's engine step computes on (x, y) in its first epoch, and the method."""
-    method = build_method(cell.method, cell.method_config)
-    setup_method(method, student, teacher, x)
+def kt_bench_loss(cell: Cell, student: nn.Module, teacher: nn.Module, x, y, epoch: int = 0,
+                  method=None):
+    """The loss the cell's engine step computes on (x, y) in ``epoch`` (0-based), and the
+    method (built from the cell's stored options and set up on ``x`` unless given)."""
+    if method is None:
+        method = build_method(cell.method, cell.method_config)
+        setup_method(method, student, teacher, x)
     trainee = Trainee(student, method).train()
     t_taps = None
     if method.needs_teacher:
         recorder = TapRecorder(teacher, teacher.tap_map, method.taps)
         t_taps = teacher_taps(teacher.eval(), recorder, x)
         recorder.remove()
-    logits, terms = trainee(x, t_taps)
     epochs = cell.recipe.epochs
-    ce = base_ce_weight(method, cell.recipe) * method.ce_scale(0, epochs)
-    return total_loss(logits, y, terms, method.term_weights(0, epochs), ce), method
+    logits, terms = trainee(x, t_taps, Batch(y, epoch, epochs))
+    trainee.recorder.remove()
+    ce = base_ce_weight(method, cell.recipe) * method.ce_scale(epoch, epochs)
+    return total_loss(logits, y, terms, method.term_weights(epoch, epochs), ce), method
 
 
 def _convreg_like(method) -> nn.Module:

@@ -1,0 +1,129 @@
+"""Checkpoints that survive damage: every save keeps the previous good copy beside the new one,
+and a load that meets a damaged file keeps it aside, says so, and falls back to the previous
+copy or to a fresh start instead of failing every run."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kt_bench import atomic
+from kt_bench.errors import KtBenchError, first_line
+
+Log = Callable[[str], None]
+
+#: What a training checkpoint holds (written after each epoch by the engine).
+TRAINING_KEYS = ("trainee", "optimizer", "scheduler", "history", "train_s", "images")
+
+
+class DamagedFileError(KtBenchError):
+    """A file that reads but does not hold what it should."""
+
+
+def previous_path(path: Path) -> Path:
+    """Where the previous copy of checkpoint ``path`` is kept (``checkpoint.prev.pt``)."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically; the file it replaces becomes the previous copy.
+    At every instant at least one of the two is complete."""
+    if path.exists():
+        os.replace(path, previous_path(path))
+    atomic.torch_save(path, state)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete checkpoint ``path`` and its previous copy."""
+    path.unlink(missing_ok=True)
+    previous_path(path).unlink(missing_ok=True)
+
+
+def log_beside(path: Path) -> Log:
+    """A log that prints each line to stderr and appends it to ``log.txt`` beside ``path``."""
+    def log(line: str) -> None:
+        tqdm.write(f"kt-bench: {line}", file=sys.stderr)
+        with open(path.parent / "log.txt", "a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    return log
+
+
+def _read(path: Path, required_keys: Sequence[str]) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict):
+        raise DamagedFileError(f"holds a {type(state).__name__}, not a checkpoint")
+    missing = [k for k in required_keys if k not in state]
+    if missing:
+        raise DamagedFileError(f"lacks {', '.join(missing)}")
+    return state
+
+
+def load_checkpoint(path: Path, required_keys: Sequence[str], log: Log,
+                    apply: Callable[[dict[str, Any]], None] | None = None, main: bool = True,
+                    otherwise: str = "starting from scratch") -> dict[str, Any] | None:
+    """The state in checkpoint ``path``, else in its previous copy, else None. A file that
+    cannot be read, lacks one of ``required_keys`` or that ``apply`` rejects (e.g. weights
+    that do not fit the model) is moved aside and named in ``log``, ending with what happens
+    next (``otherwise`` once no copy is left). With several processes, only the ``main`` one
+    moves files and logs; the others reach the same verdict on the same files."""
+    candidates = [p for p in (path, previous_path(path)) if p.exists()]
+    damaged = False
+    for i, candidate in enumerate(candidates):
+        try:
+            state = _read(candidate, required_keys)
+            if apply is not None:
+                apply(state)
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong, the file is unusable
+            damaged = True
+            if main:
+                then = (f"trying {candidates[i + 1].name}" if i + 1 < len(candidates)
+                        else otherwise)
+                aside = atomic.move_aside(candidate)
+                kept = f"; kept as {aside.name}" if aside is not None else ""
+                log(f"{candidate} is damaged ({first_line(exc)}){kept}; {then}")
+            continue
+        if damaged and main:
+            log(f"resuming from {candidate}")
+        return state
+    return None
+
+
+def _check_progress(state: dict[str, Any]) -> None:
+    history = state["history"]
+    if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise DamagedFileError("its history is not a list of epochs")
+    if not all(isinstance(state[k], int | float) for k in ("train_s", "images")):
+        raise DamagedFileError("its train_s or images is not a number")
+
+
+def restore_training(path: Path, trainee: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, main: bool = True) -> dict[str, Any] | None:
+    """Load the training checkpoint ``path`` (or its previous copy) into ``trainee``,
+    ``optimizer`` and ``scheduler`` and return it; None, with the three untouched, when there
+    is none or none is usable. Damaged copies are handled as in :func:`load_checkpoint`,
+    logged beside ``path``."""
+    if not (path.exists() or previous_path(path).exists()):
+        return None
+    # a state that half fits would leave half of it loaded: restore the fresh start
+    fresh = [copy.deepcopy(part.state_dict()) for part in (trainee, optimizer, scheduler)]
+
+    def apply(state: dict[str, Any]) -> None:
+        _check_progress(state)
+        try:
+            trainee.load_state_dict(state["trainee"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except Exception:
+            for part, original in zip((trainee, optimizer, scheduler), fresh, strict=True):
+                part.load_state_dict(original)
+            raise
+
+    return load_checkpoint(path, TRAINING_KEYS, log_beside(path), apply, main)
