@@ -105,8 +105,10 @@ class Cell:
 def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = None
            ) -> list[Cell]:
     """The cells of ``grid`` (of each included grid in turn) in run order: dataset, pair,
-    seed, then method. ``teacher_checkpoint`` replaces every pair's."""
-    cells = []
+    seed, then method. ``teacher_checkpoint`` replaces every pair's. A cell that occurs
+    twice (a grid included twice, a method listed twice) is kept once, where it first
+    occurs."""
+    cells: list[Cell] = []
     for leaf in grid.leaves():
         for dataset in leaf.datasets:
             for pair in leaf.pairs:
@@ -115,7 +117,15 @@ def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = N
                         for params in _sweep_points(leaf, split_method_name(method)):
                             cells.append(_cell(grid.name, leaf, dataset, pair, seed, method,
                                                params, precision, teacher_checkpoint))
-    return cells
+    return _first_of_each(cells)
+
+
+def _first_of_each(cells: list[Cell]) -> list[Cell]:
+    """``cells`` with each cell id once, where it first occurs."""
+    by_id: dict[str, Cell] = {}
+    for cell in cells:
+        by_id.setdefault(cell.cell_id, cell)
+    return list(by_id.values())
 
 
 def _sweep_points(grid: Grid, members: list[str]) -> list[dict[str, Any]]:
@@ -140,20 +150,35 @@ def _cell(name: str, leaf: Grid, dataset: Spec, pair, seed: int, method: str,
                 tuple(sorted(params.items())), leaf.teacher_seed)
 
 
+SELECT_KEYS = ("dataset", "teacher", "student", "method", "seed")
+
+
+def _values_of(cell: Cell, key: str) -> set[str]:
+    """What an ``--only`` value may give to match ``cell``'s ``key``: a name or a label."""
+    value = getattr(cell, key)
+    return {value.name, value.label} if isinstance(value, Spec) else {str(value)}
+
+
+def _shown_value(cell: Cell, key: str) -> str:
+    """``cell``'s ``key`` as an error message lists it."""
+    value = getattr(cell, key)
+    return value.label if isinstance(value, Spec) else str(value)
+
+
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     """The cells matching every ``key=value[,value...]`` filter (keys: dataset, teacher,
-    student, method, seed; a value matches the name or the full label)."""
-    keys = ("dataset", "teacher", "student", "method", "seed")
-    for flt in only:
+    student, method, seed; a value matches the name or the full label). A filter that
+    matches no cell is an error listing the values the cells have."""
+    for i, flt in enumerate(only):
         key, sep, values = flt.partition("=")
-        if not sep or key not in keys or not values:
-            raise KtBenchError(f"--only takes key=value with key one of {', '.join(keys)}; "
-                               f"got '{flt}'")
+        if not sep or key not in SELECT_KEYS or not values:
+            raise KtBenchError(f"--only takes key=value with key one of "
+                               f"{', '.join(SELECT_KEYS)}; got '{flt}'")
         wanted = set(values.split(","))
-
-        def value_of(cell: Cell, key: str = key) -> set[str]:
-            v = getattr(cell, key)
-            return {v.name, v.label} if isinstance(v, Spec) else {str(v)}
-
-        cells = [c for c in cells if value_of(c) & wanted]
+        kept = [c for c in cells if _values_of(c, key) & wanted]
+        if not kept:
+            have = ", ".join(dict.fromkeys(_shown_value(c, key) for c in cells))
+            where = "in this grid" if i == 0 else "left by the --only filters before it"
+            raise KtBenchError(f"no cell matches --only {flt}; {key}s {where}: {have}")
+        cells = kept
     return cells

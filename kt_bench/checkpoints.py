@@ -66,6 +66,14 @@ def _read(path: Path, required_keys: Sequence[str]) -> dict[str, Any]:
     return state
 
 
+def _reason(exc: BaseException) -> str:
+    """``exc`` in one line; under a heading that lists problems (torch's load_state_dict), the
+    heading and the first problem."""
+    line = first_line(exc)
+    details = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+    return f"{line} {details[0][:200]}" if line.endswith(":") and details else line
+
+
 def load_checkpoint(path: Path, required_keys: Sequence[str], log: Log,
                     apply: Callable[[dict[str, Any]], None] | None = None, main: bool = True,
                     otherwise: str = "starting from scratch") -> dict[str, Any] | None:
@@ -75,23 +83,21 @@ def load_checkpoint(path: Path, required_keys: Sequence[str], log: Log,
     next (``otherwise`` once no copy is left). With several processes, only the ``main`` one
     moves files and logs; the others reach the same verdict on the same files."""
     candidates = [p for p in (path, previous_path(path)) if p.exists()]
-    damaged = False
     for i, candidate in enumerate(candidates):
         try:
             state = _read(candidate, required_keys)
             if apply is not None:
                 apply(state)
         except Exception as exc:  # noqa: BLE001 - whatever is wrong, the file is unusable
-            damaged = True
             if main:
                 then = (f"trying {candidates[i + 1].name}" if i + 1 < len(candidates)
                         else otherwise)
                 aside = atomic.move_aside(candidate)
                 kept = f"; kept as {aside.name}" if aside is not None else ""
-                log(f"{candidate} is damaged ({first_line(exc)}){kept}; {then}")
+                log(f"{candidate} is damaged ({_reason(exc)}){kept}; {then}")
             continue
-        if damaged and main:
-            log(f"resuming from {candidate}")
+        if candidate != path and main:
+            log(f"resuming from {candidate}, the previous copy")
         return state
     return None
 

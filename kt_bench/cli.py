@@ -84,40 +84,35 @@ def _apply_overrides(grid, args: argparse.Namespace):
     if args.epochs is not None and args.epochs < 1:
         raise KtBenchError(f"--epochs must be >= 1, got {args.epochs}")
     seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
+    if seeds is not None and min(seeds) < 0:
+        raise KtBenchError(f"--seeds takes integers >= 0, got '{args.seeds}'")
     return grid.overridden(methods, args.epochs, seeds)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run (or with --dry-run, list) the cells of a grid and print the comparison table."""
-    from tabulate import tabulate
+    """Run (or with --dry-run, list and check) the cells of a grid and print the comparison
+    table."""
     from tqdm.auto import tqdm
 
     from kt_bench.cells import expand, select
     from kt_bench.config import load_grid
     from kt_bench.engine import make_accelerator, resolve_precision
     from kt_bench.plugins import load_plugins
+    from kt_bench.probe import check_device_and_precision, check_writable
+    from kt_bench.rows import write_results_csv
     from kt_bench.runner import run_cells
     from kt_bench.status import write_manifest
 
     load_plugins(args.plugins)
-    grid = _apply_overrides(load_grid(args.grid), args)
     precision = resolve_precision(args.precision, args.device)
+    check_device_and_precision(args.device, precision)
+    grid = _apply_overrides(load_grid(args.grid), args)
     cells = select(expand(grid, precision, args.teacher_checkpoint), args.only)
     out = Path(args.out) if args.out else Path("results") / grid.name
+    out_flag = "--out folder" if args.out else "output folder"
     if args.dry_run:
-        from kt_bench.cost import ASSUMED_FLOPS, cell_flops, grid_gpu_hours
-
-        rows = [(c.cell_id, c.dataset.label, c.teacher.label, c.student.label, c.method, c.seed,
-                 c.recipe.epochs, f"{cell_flops(c) / ASSUMED_FLOPS / 3600:.2f}") for c in cells]
-        print(tabulate(rows, headers=["cell", "dataset", "teacher", "student", "method", "seed",
-                                      "epochs", "GPU-h"], tablefmt="simple",
-                       disable_numparse=True))
-        students, teachers = grid_gpu_hours(cells)
-        print(f"{len(cells)} cells; results would go to {out}")
-        print(f"estimate: {students + teachers:.1f} GPU-hours ({students:.1f} students, "
-              f"{teachers:.1f} teachers) at an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s "
-              "sustained per GPU (a rough guide, not a measurement)")
-        return 0
+        return _dry_run(cells, out, out_flag)
+    check_writable(out, out_flag)
     log_with = None if args.log_with in (None, "none") else args.log_with
     teacher_cache = Path(args.teacher_cache) if args.teacher_cache else out / "teachers"
     if args.launcher:
@@ -146,7 +141,46 @@ def cmd_run(args: argparse.Namespace) -> int:
                      cohort=not args.no_cohort, compile=args.compile)
     if not main:
         return 0
+    write_results_csv(out)  # also when every cell was done before: never a stale file
     return _print_results(pd.DataFrame(rows), out, args)
+
+
+def _dry_run(cells: list, out: Path, out_flag: str) -> int:
+    """List the cells with a GPU-hour estimate, then build and set up every method and
+    model on a probe batch; 2 (each problem a line on stderr) if any fails."""
+    from kt_bench.probe import check_could_write, one_thread, probe_cells
+
+    check_could_write(out, out_flag)
+    with one_thread():
+        problems = probe_cells(cells)
+        _print_plan(cells, out, estimate=not problems)
+    for line in problems:
+        print(f"kt-bench: error: {line}", file=sys.stderr)
+    return 2 if problems else 0
+
+
+def _print_plan(cells: list, out: Path, estimate: bool) -> None:
+    """The cells as a table with each one's GPU-hours and the total (``estimate`` False:
+    without them, as the networks of some cells cannot be built)."""
+    from tabulate import tabulate
+
+    from kt_bench.cost import ASSUMED_FLOPS, cell_flops, grid_gpu_hours
+
+    def hours(cell) -> str:
+        return f"{cell_flops(cell) / ASSUMED_FLOPS / 3600:.2f}" if estimate else "-"
+
+    rows = [(c.cell_id, c.dataset.label, c.teacher.label, c.student.label, c.method, c.seed,
+             c.recipe.epochs, hours(c)) for c in cells]
+    print(tabulate(rows, headers=["cell", "dataset", "teacher", "student", "method", "seed",
+                                  "epochs", "GPU-h"], tablefmt="simple", disable_numparse=True))
+    print(f"{len(cells)} cells; results would go to {out}")
+    if not estimate:
+        print("estimate: none until the problems below are fixed")
+        return
+    students, teachers = grid_gpu_hours(cells)
+    print(f"estimate: {students + teachers:.1f} GPU-hours ({students:.1f} students, "
+          f"{teachers:.1f} teachers) at an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s "
+          "sustained per GPU (a rough guide, not a measurement)")
 
 
 def _launcher_config(base, args: argparse.Namespace):
@@ -163,7 +197,7 @@ def _run_as_jobs(args: argparse.Namespace, grid, cells, out: Path, teacher_cache
     """Submit the unfinished cells as jobs (one per cohort) and, unless --no-wait, wait for
     them and print the table."""
     from kt_bench.launch import JobSettings, submit, wait
-    from kt_bench.rows import finished_row, read_rows
+    from kt_bench.rows import finished_row, write_results_csv
     from kt_bench.runner import cohorts
     from kt_bench.status import write_manifest
 
@@ -187,7 +221,7 @@ def _run_as_jobs(args: argparse.Namespace, grid, cells, out: Path, teacher_cache
     for line in problems:
         print(f"kt-bench: {line}", file=sys.stderr)
     ids = {c.cell_id for c in cells}
-    rows = read_rows(out) if (out / "cells").exists() else pd.DataFrame()
+    rows = write_results_csv(out) if (out / "cells").exists() else pd.DataFrame()
     rows = rows[rows["cell_id"].isin(ids)] if not rows.empty else rows
     missing = len(ids) - len(rows)
     if missing:
@@ -224,15 +258,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the tables and plots of a run folder and print its comparison table."""
+    from kt_bench.probe import check_writable
     from kt_bench.report import comparison_table
     from kt_bench.report_writer import write_report
-    from kt_bench.rows import read_rows
+    from kt_bench.rows import write_results_csv
 
     out = Path(args.dir)
     if not list((out / "cells").glob("*/result.json")):
         raise KtBenchError(f"{out} holds no results (no cells/*/result.json); give a run's "
                            "--out folder")
-    rows = read_rows(out)
+    check_writable(out, "run folder")
+    check_writable(out / "report", "report folder")
+    rows = write_results_csv(out)  # rebuilt from the cells' rows, never left stale
     print(comparison_table(rows))
     print(f"\nreport: {write_report(out, rows)}")
     return 0

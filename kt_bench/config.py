@@ -6,6 +6,7 @@ Every error names the file and the key, and says what is accepted.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import typing
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from kt_bench.errors import ConfigError, KtBenchError
+from kt_bench.errors import ConfigError, KtBenchError, first_line
 from kt_bench.registry import Registry
 from kt_bench.spec import Spec, coerce, type_words
 
@@ -53,6 +54,8 @@ class Recipe:
             (self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}"),
             (self.ce_weight >= 0, "ce_weight", "a number >= 0"),
             (all(m >= 1 for m in self.milestones), "milestones", "a list of epochs >= 1"),
+            (self.schedule != "multistep" or all(m < self.epochs for m in self.milestones),
+             "milestones", f"a list of epochs m with 1 <= m < epochs ({self.epochs})"),
         ]
         for ok, key, accepted in checks:
             if not ok:
@@ -201,36 +204,90 @@ class Grid:
         if epochs is not None:
             changes["recipe"] = with_epochs(self.recipe, epochs)
         if seeds is not None:
-            changes["seeds"] = list(seeds)
+            changes["seeds"] = unique(seeds)
         return dataclasses.replace(self, **changes).validate() if changes else self
 
     def validate(self) -> Grid:
-        """Check every name against the registries and every option against its builder."""
-        from kt_bench.data import DATASETS
-        from kt_bench.method import method_config
-        from kt_bench.models import MODELS
-        from kt_bench.spec import check_options
-
+        """Check every name against the registries, every option against its builder's
+        signature (names and types) and the seeds."""
         try:
-            for d in self.datasets:
-                check_options(DATASETS.get(d.name), d.options, f"dataset '{d.name}'",
-                              ("data_root",))
-            for model in (m for p in self.pairs for m in (p.teacher, p.student)):
-                check_options(MODELS.get(model.name), model.options, f"model '{model.name}'",
-                              ("num_classes", "in_channels"))
-            for pair in self.pairs:
-                options = merge_options(self.method_options, pair.method_options)
-                for m in self.methods:
-                    method_config(m, options)
-                for key, values in self.sweep.items():
-                    member, _, option = key.partition(".")
-                    for value in values:
-                        method_config(member, merge_options(options, {member: {option: value}}))
+            self._check_specs()
+            self._check_methods()
         except KtBenchError as exc:
             raise type(exc)(f"{self.source}: {exc}") from None
         if not self.seeds:
             raise ConfigError(f"{self.source}: seeds is empty; give at least one seed")
+        if any(seed < 0 for seed in self.seeds):
+            raise ConfigError(f"{self.source}: seeds = {self.seeds} is invalid; accepted: "
+                              "integers >= 0")
         return self
+
+    def _check_specs(self) -> None:
+        """Every dataset's and model's options resolved against its builder's signature."""
+        from kt_bench.data import DATASETS
+        from kt_bench.models import MODELS
+
+        for i, d in enumerate(self.datasets):
+            _check_spec(DATASETS.get(d.name), d, "dataset", f"datasets[{i}]", ("data_root",))
+        for i, pair in enumerate(self.pairs):
+            for role, model in (("teacher", pair.teacher), ("student", pair.student)):
+                _check_spec(MODELS.get(model.name), model, "model", f"pairs[{i}].{role}",
+                            ("num_classes", "in_channels"))
+
+    def _check_methods(self) -> None:
+        """Every method (and every swept value) configured for every pair."""
+        for pair in self.pairs:
+            options = merge_options(self.method_options, pair.method_options)
+            for m in self.methods:
+                _method_config(m, options)
+            for key, values in self.sweep.items():
+                member, _, option = key.partition(".")
+                for value in values:
+                    _method_config(member, merge_options(options, {member: {option: value}}))
+
+
+def _check_spec(builder: Any, spec: Spec, kind: str, where: str, fixed: tuple[str, ...]
+                ) -> None:
+    """``spec``'s options checked (names and types) against ``builder``'s signature; an
+    error names ``where`` (e.g. ``pairs[0].student``)."""
+    from kt_bench.spec import resolve_options
+
+    try:
+        resolve_options(builder, spec.options, f"{kind} '{spec.name}'", fixed)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _method_config(method: str, options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Check ``method`` with ``options``; a plugin constructor's own exception is one line."""
+    from kt_bench.method import method_config
+
+    try:
+        method_config(method, options)
+    except KtBenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin's constructor may raise anything
+        raise ConfigError(f"method '{method}' cannot be built: {first_line(exc)}") from None
+
+
+def unique(values: list[Any]) -> list[Any]:
+    """``values`` without repeats, in the order of their first occurrence."""
+    return list(dict.fromkeys(values))
+
+
+#: A grid name is a file name: it names the results folder ``results/<name>``.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _grid_name(table: Mapping[str, Any], source: str) -> str:
+    """The grid's ``name``, checked to be a safe file name."""
+    if "name" not in table:
+        raise ConfigError(f"{source}: missing key 'name'")
+    name = table["name"]
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"{source}: name = {name!r} is invalid; accepted: a file name of "
+                          "letters, digits, '.', '_' and '-', not starting with '.'")
+    return name
 
 
 GRID_KEYS = ("name", "description", "datasets", "pairs", "methods", "seeds", "recipe",
@@ -257,15 +314,14 @@ def _composite(table: Mapping[str, Any], source: str, seen: tuple[str, ...]) -> 
             raise ConfigError(f"{source}: unknown key '{key}' in a grid with 'include'; "
                               f"accepted: {', '.join(COMPOSITE_KEYS)}")
     names = _list_of(table, "include", source, str)
-    if not isinstance(table.get("name"), str) or not table["name"]:
-        raise ConfigError(f"{source}: key 'name' must be a non-empty string")
+    grid_name = _grid_name(table, source)
     parts = []
     for name in names:
-        target = str(_grid_path(name, source))
-        if target in seen:
+        target = _grid_path(name, source)
+        if _file_key(target) in seen or _file_key(target) == _file_key(source):
             raise ConfigError(f"{source}: include '{name}' forms a cycle")
-        parts.append(load_grid(target, seen + (target,)))
-    return Grid(name=table["name"], description=str(table.get("description", "")),
+        parts.append(load_grid(str(target), seen + (_file_key(target),)))
+    return Grid(name=grid_name, description=str(table.get("description", "")),
                 datasets=[], pairs=[], methods=[], source=source, parts=parts,
                 launcher=_launcher(table, source))
 
@@ -305,6 +361,12 @@ def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _file_key(path: str | Path) -> str:
+    """``path`` made absolute and normalised (``sub/../a.toml`` is ``a.toml``), so a cycle
+    is seen whatever way it names a file."""
+    return str(Path(path).resolve())
+
+
 def _grid_path(name: str, relative_to: str) -> Path:
     if name.endswith(".toml"):
         return Path(relative_to).parent / name
@@ -340,31 +402,28 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
         if not isinstance(base_name, str):
             raise ConfigError(f"{source}: key 'extends' must be a grid name or file")
         base_path = _grid_path(base_name, source)
-        if str(base_path) in seen or str(base_path) == source:
+        if _file_key(base_path) in seen or _file_key(base_path) == _file_key(source):
             raise ConfigError(f"{source}: extends '{base_name}' forms a cycle")
         base = read_toml(base_path)
         if "include" in base:
             raise ConfigError(f"{source}: extends '{base_name}', a grid made with include; "
                               "extend one of its parts instead")
         rest = {k: v for k, v in table.items() if k != "extends"}
-        return grid_from_table(_merged(base, rest), source, seen + (str(base_path),))
+        return grid_from_table(_merged(base, rest), source, seen + (_file_key(base_path),))
     for key in table:
         if key not in GRID_KEYS:
             raise ConfigError(f"{source}: unknown key '{key}'; accepted: {', '.join(GRID_KEYS)}")
     for key in ("name", "datasets", "pairs", "methods"):
         if key not in table:
             raise ConfigError(f"{source}: missing key '{key}'")
-    if not isinstance(table["name"], str) or not table["name"]:
-        raise ConfigError(f"{source}: key 'name' must be a non-empty string")
+    grid_name = _grid_name(table, source)
     datasets = [Spec.parse(d, f"{source}: datasets")
                 for d in _list_of(table, "datasets", source, object)]
     pairs = [_pair(p, f"{source}: pairs[{i}]")
              for i, p in enumerate(_list_of(table, "pairs", source, object))]
     recipe = dataclass_from_table(Recipe, table.get("recipe", {}), f"{source}: recipe")
     recipe.validate(f"{source}: recipe")
-    teacher_recipe = dataclass_from_table(Recipe, table.get("teacher_recipe", {}),
-                                          f"{source}: teacher_recipe", base=recipe)
-    teacher_recipe.validate(f"{source}: teacher_recipe")
+    teacher_recipe = _teacher_recipe(table.get("teacher_recipe", {}), recipe, source)
     options = _method_options(table.get("method_options", {}), f"{source}: method_options")
     teacher_seed = table.get("teacher_seed")
     if teacher_seed is not None and (not isinstance(teacher_seed, int)
@@ -372,12 +431,12 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
         raise ConfigError(f"{source}: teacher_seed = {teacher_seed!r} is invalid; accepted: an "
                           "integer >= 0")
     return Grid(
-        name=table["name"],
+        name=grid_name,
         description=str(table.get("description", "")),
         datasets=datasets,
         pairs=pairs,
         methods=_list_of(table, "methods", source, str),
-        seeds=_list_of(table, "seeds", source, int) if "seeds" in table else [0],
+        seeds=unique(_list_of(table, "seeds", source, int)) if "seeds" in table else [0],
         recipe=recipe,
         teacher_recipe=teacher_recipe,
         method_options=options,
@@ -386,6 +445,20 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
         source=source,
         launcher=_launcher(table, source),
     ).validate()
+
+
+def _teacher_recipe(table: Any, recipe: Recipe, source: str) -> Recipe:
+    """The ``[teacher_recipe]`` table on top of the students' ``recipe``, validated; bad
+    milestones it inherits say so."""
+    where = f"{source}: teacher_recipe"
+    teacher = dataclass_from_table(Recipe, table, where, base=recipe)
+    try:
+        return teacher.validate(where)
+    except ConfigError as exc:
+        if f"{where}.milestones" in str(exc) and "milestones" not in table:
+            raise ConfigError(f"{exc} (inherited from [recipe]; give [teacher_recipe] "
+                              "milestones of its own)") from None
+        raise
 
 
 def builtin_grids() -> Registry[Path]:

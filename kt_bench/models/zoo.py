@@ -8,7 +8,7 @@ from torch import nn
 
 from kt_bench.errors import KtBenchError
 from kt_bench.registry import Registry
-from kt_bench.spec import Spec, check_options
+from kt_bench.spec import Spec, resolve_options
 
 #: Builders ``f(num_classes, in_channels, **options) -> nn.Module`` whose module has ``tap_map``.
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -22,11 +22,12 @@ def register_model(name: str) -> Callable:
 
 
 def build_model(spec: Spec | str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """Build the zoo model ``spec``; unknown names and options are one-line errors."""
+    """Build the zoo model ``spec``; unknown names, unknown options and options of the wrong
+    type are one-line errors."""
     spec = Spec.parse(spec, "model")
     builder = MODELS.get(spec.name)
-    check_options(builder, spec.options, f"model '{spec.name}'", _FIXED)
-    model = builder(num_classes=num_classes, in_channels=in_channels, **spec.options)
+    options = resolve_options(builder, spec.options, f"model '{spec.name}'", _FIXED)
+    model = builder(num_classes=num_classes, in_channels=in_channels, **options)
     if not isinstance(getattr(model, "tap_map", None), Mapping):
         raise KtBenchError(f"model '{spec.name}' was built without a tap_map")
     return model

@@ -1,0 +1,180 @@
+"""Checks made before anything trains: the device and precision, the output folder, and every
+method and model of a grid built and set up on a probe batch (for ``run --dry-run``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kt_bench.cells import Cell, config_hash
+from kt_bench.errors import KtBenchError, first_line
+from kt_bench.spec import Spec
+from kt_bench.taps import LOGITS
+
+
+def check_device_and_precision(device: str, precision: str) -> None:
+    """Raise a one-line error for what the accelerator would refuse: an unknown device or
+    precision (``precision`` already resolved from ``auto``), or CUDA where there is none."""
+    from kt_bench.engine import DEVICES, PRECISIONS
+
+    if device not in DEVICES:
+        raise KtBenchError(f"unknown device '{device}'; accepted: {', '.join(DEVICES)}")
+    if precision not in PRECISIONS:
+        raise KtBenchError(f"unknown precision '{precision}'; accepted: auto, "
+                           f"{', '.join(PRECISIONS)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KtBenchError("--device cuda was asked for, but no CUDA device is available")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` (and its parents) and write and remove a file in it; a one-line
+    error naming ``what`` (e.g. ``--out``) if that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".kt-bench-write-check-")
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        raise KtBenchError(f"{what} {folder} cannot be created or written: "
+                           f"{exc.strerror or first_line(exc)}; accepted: a folder you can "
+                           "write to") from None
+
+
+def check_could_write(folder: Path, what: str) -> None:
+    """Like :func:`check_writable`, but creating nothing: the nearest existing folder on
+    ``folder``'s path must be a folder this process may write to."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        reason = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is not writable"
+    else:
+        return
+    raise KtBenchError(f"{what} {folder} cannot be created or written: {reason}; accepted: "
+                       "a folder you can write to")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block: probe batches are tiny, and on a busy
+    machine several threads wait on each other far longer than they compute."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _BuildFailed(Exception):
+    """A model could not be built; ``args[0]`` is the whole report line."""
+
+
+def _probe_batch(dataset: Spec) -> torch.Tensor:
+    """Zero images of ``dataset``'s shape, two of them (as the engine probes)."""
+    from kt_bench.data import dataset_info
+
+    info = dataset_info(dataset)
+    return torch.zeros(2, info.in_channels, info.image_size, info.image_size)
+
+
+class _Networks:
+    """The grid's models, each built once per (spec, classes, channels), and their tap
+    shapes, each found by one forward pass per probe size that records every tap."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, nn.Module | _BuildFailed] = {}
+        self._shapes: dict[str, dict[str, torch.Size] | None] = {}
+
+    def model(self, spec: Spec, dataset: Spec) -> tuple[str, nn.Module]:
+        """``spec`` built for ``dataset``'s classes and channels (no pretrained weights
+        fetched) and its cache key; a failure raises :class:`_BuildFailed` every time."""
+        from kt_bench.data import dataset_info
+        from kt_bench.models import build_model
+
+        info = dataset_info(dataset)
+        options = dict(spec.options)
+        options.pop("weights", None)  # probing shapes needs no download
+        key = json.dumps([spec.name, options, info.num_classes, info.in_channels],
+                         sort_keys=True)
+        if key not in self._models:
+            try:
+                self._models[key] = build_model(Spec(spec.name, options), info.num_classes,
+                                                info.in_channels)
+            except Exception as exc:  # noqa: BLE001 - a plugin model may raise anything
+                self._models[key] = _BuildFailed(f"model {spec.label} for {dataset.label} "
+                                                 f"cannot be built: {first_line(exc)}")
+        found = self._models[key]
+        if isinstance(found, _BuildFailed):
+            raise found
+        return key, found
+
+    def tap_shapes(self, spec: Spec, dataset: Spec, taps: tuple[str, ...]
+                   ) -> dict[str, torch.Size]:
+        """What :func:`kt_bench.engine.tap_shapes` gives for ``spec`` on ``dataset``'s probe
+        batch: the shapes of ``taps`` and of the logits (its own error for a tap the model
+        lacks)."""
+        from kt_bench.engine import tap_shapes
+
+        key, model = self.model(spec, dataset)
+        probe = _probe_batch(dataset)
+        key = f"{key}{list(probe.shape)}"
+        if key not in self._shapes:
+            try:
+                self._shapes[key] = tap_shapes(model, tuple(model.tap_map), probe)
+            except Exception:  # noqa: BLE001 - asked for tap by tap below, with its own error
+                self._shapes[key] = None
+        known = self._shapes[key]
+        wanted = [t for t in taps if t != LOGITS]
+        if known is None or not all(t in known for t in wanted):
+            return tap_shapes(model, taps, probe)
+        return {**{t: known[t] for t in wanted}, LOGITS: known[LOGITS]}
+
+
+def _probe_one(cell: Cell, networks: _Networks) -> str | None:
+    """Build ``cell``'s method and networks and set the method up on a probe batch as
+    :func:`kt_bench.engine.setup_method` does; the failure as one line naming the method and
+    the pair, or None."""
+    from kt_bench.method import build_method
+
+    try:
+        networks.tap_shapes(cell.student, cell.dataset, ())  # the student's forward works
+        method = build_method(cell.method, cell.method_config)
+        if method.needs_teacher:
+            method.setup(networks.tap_shapes(cell.student, cell.dataset, method.taps),
+                         networks.tap_shapes(cell.teacher, cell.dataset, method.taps))
+    except _BuildFailed as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a plugin's constructor or setup may raise anything
+        return (f"method {cell.method} ({cell.dataset.label}: {cell.teacher.label} -> "
+                f"{cell.student.label}): {first_line(exc)}")
+    return None
+
+
+def probe_cells(cells: list[Cell]) -> list[str]:
+    """Build every distinct (dataset, teacher, student, method configuration) of ``cells``
+    and set its method up on a probe batch, as training would; one line per failure (a tap
+    a model lacks, a plugin whose constructor or setup raises), each once."""
+    networks = _Networks()
+    seen: set[str] = set()
+    problems: dict[str, None] = {}
+    with one_thread():
+        for cell in cells:
+            key = config_hash([cell.dataset.to_dict(), cell.teacher.to_dict(),
+                               cell.student.to_dict(), cell.method, cell.method_config])
+            if key in seen:
+                continue
+            seen.add(key)
+            line = _probe_one(cell, networks)
+            if line is not None:
+                problems[line] = None
+    return list(problems)
