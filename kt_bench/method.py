@@ -55,6 +55,9 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     default_weight: ClassVar[float] = 1.0
+    #: The cross-entropy weight the method trains with unless ``ce_weight`` is given; None:
+    #: the recipe's.
+    default_ce_weight: ClassVar[float | None] = None
 
     def __init__(self, weight: float | None = None) -> None:
         super().__init__()
@@ -203,7 +206,7 @@ def resolve_member(name: str, options: Mapping[str, Any] | None = None) -> dict[
     cls = METHODS.get(name)
     what = f"method '{name}'"
     opts = dict(options or {})
-    ce_weight = opts.pop("ce_weight", None)
+    ce_weight = opts.pop("ce_weight", cls.default_ce_weight)
     resolved = resolve_options(cls.__init__, opts, what)
     if resolved.get("weight") is None:
         resolved["weight"] = float(cls.default_weight)

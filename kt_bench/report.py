@@ -157,6 +157,7 @@ def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.D
             line.update(delta=math.nan, delta_lo=math.nan, delta_hi=math.nan, pairs=0,
                         significant=None)
         line["published_top1"] = _published(reference, key[:4], "top1")
+        line["published_top1_best"] = _published(reference, key[:4], "top1_best")
         line["published_teacher_top1"] = _published(reference, key[:4], "teacher_top1")
         out.append(line)
     table = pd.DataFrame(out)
@@ -198,10 +199,22 @@ def _mean_std(line: pd.Series) -> str:
     return f"{line['top1']:.2f} ± {line['top1_std']:.2f}"
 
 
-def _published_text(value: float | None) -> str:
+def _published_text(value: float | None, best: float | None = None) -> str:
+    """The published last-epoch figure; where only a best-epoch figure was published (as
+    mdistiller reports), that one, marked; ``n/a`` for a published row without a figure."""
     if value is None:
         return ""
+    if math.isnan(value) and best is not None and not math.isnan(best):
+        return f"{best:.2f} (best epoch)"
     return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
+def _published_column(summary: pd.DataFrame) -> pd.Series:
+    best = summary.get("published_top1_best", pd.Series([None] * len(summary),
+                                                         index=summary.index))
+    return pd.Series([_published_text(v, b) for v, b in zip(summary["published_top1"], best,
+                                                              strict=True)],
+                     index=summary.index)
 
 
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -220,7 +233,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         "top5": summary["top5"].map(_num),
         "Δ top1 vs student (95% CI)": summary.apply(format_delta, axis=1),
         "teacher top1": summary["teacher_top1"].map(_num),
-        "published top1": summary["published_top1"].map(_published_text),
+        "published top1": _published_column(summary),
         "published teacher top1": summary["published_teacher_top1"].map(_published_text),
         "wall s": summary["wall_s"].map(lambda v: _num(v, ".1f")),
         "not ok": summary["not_ok"],
@@ -267,7 +280,7 @@ def pivot(summary: pd.DataFrame, bold=lambda s: f"**{s}**", mark_ns: str = "†"
             if significance(line) is False:
                 delta += mark_ns
             text += f" ({delta})"
-        published = _published_text(line["published_top1"])
+        published = _published_text(line["published_top1"], line.get("published_top1_best"))
         if published:
             text += f"; paper {published}"
         cells[(line["_row"], line["_col"])] = text

@@ -47,7 +47,9 @@ def write_report(out: Path, rows: pd.DataFrame | None = None) -> Path:
         f"against the `student` baseline, paired by seed ({CONFIDENCE:.0%} t-interval in the "
         "long table; † where that interval spans zero, i.e. not significant). The best mean "
         "of each column is in bold. `paper` is the published figure where one exists "
-        "(`n/a`: published, but not readable where this harness was built).",
+        "(`n/a`: a published row without a figure, because it could not be read where this "
+        "harness was built or the paper prints N/A; `(best epoch)`: only a best-epoch figure "
+        "was published, as mdistiller reports).",
         "",
         pivot_md,
         "",

@@ -66,9 +66,9 @@ def test_dry_run_lists_the_demo_cells(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["run", "--grid", "nope"], "kt-bench: error: unknown grid 'nope'; known: crd-cifar100, demo"),
-    (["run", "--grid", "demo", "--methods", "kd,sp"],
-     "kt-bench: error: unknown method 'sp'; known: at, fitnet, kd, nst_gauss, nst_linear, "
-     "nst_poly, student"),
+    (["run", "--grid", "demo", "--methods", "kd,nope"],
+     "kt-bench: error: unknown method 'nope'; known: at, cc, dist, dkd, fitnet, kd, kd_ls, "
+     "nst_gauss, nst_linear, nst_poly, pkt, rkd, sp, student, vid"),
     (["run", "--grid", "demo", "--seeds", "one"],
      "kt-bench: error: --seeds takes integers separated by commas, got 'one'"),
     (["run", "--grid", "demo", "--device", "tpu"],
@@ -158,14 +158,14 @@ def _readme_plugin() -> str:
 def test_readme_plugin_example_works_verbatim(tmp_path, capsys):
     folder = tmp_path / "my_plugins"
     folder.mkdir()
-    (folder / "sp.py").write_text(_readme_plugin())
+    (folder / "logit_mse.py").write_text(_readme_plugin())
     grid = write_tiny_grid(tmp_path)
     out = tmp_path / "out"
     code, stdout, _ = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out),
-                              "--methods", "sp", "--plugins", str(folder))
+                              "--methods", "logit_mse", "--plugins", str(folder))
     assert code == 0, stdout
     rows = pd.read_csv(out / "results.csv")
-    assert rows["method"].tolist() == ["sp"] and rows["status"].tolist() == ["ok"]
+    assert rows["method"].tolist() == ["logit_mse"] and rows["status"].tolist() == ["ok"]
     metrics = [json.loads(line) for line in
                next((out / "cells").glob("*/metrics.jsonl")).read_text().splitlines()]
-    assert metrics[0]["sp"] > 0
+    assert metrics[0]["logit_mse"] > 0

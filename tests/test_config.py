@@ -37,7 +37,7 @@ def _edit(path, old, new):
      "recipe.schedule = 'linear' is invalid; accepted: one of cosine, multistep, constant"),
     ("seeds = [0]", "seed = [0]", "unknown key 'seed'; accepted: name, description, datasets"),
     ('methods = ["student", "kd"]', 'methods = ["student", "kdd"]',
-     "unknown method 'kdd' (did you mean 'kd'?); known: at, fitnet, kd,"),
+     "unknown method 'kdd' (did you mean 'kd'?); known: at, cc, dist, dkd, fitnet, kd,"),
     ('name = "synthetic"', 'name = "mnist"',
      "unknown dataset 'mnist'; known: cifar10, cifar100, digits, imagenet, synthetic"),
     ("width = 0.25", "depth = 2", "unknown option 'depth' for model 'resnet8'; accepted: width"),

@@ -98,10 +98,14 @@ def test_paper_mini_runs_end_to_end_on_the_real_formats(data_root, tmp_path, cap
     assert "kd+nst_gauss" in capsys.readouterr().out
 
 
-def test_crd_dry_run_lists_seven_pairs_times_five_methods(capsys):
+def test_crd_dry_run_lists_seven_pairs_times_every_method(capsys):
     assert main(["run", "--grid", "crd-cifar100", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "35 cells" in out and re.search(r"estimate: [0-9.]+ GPU-hours", out)
+    assert "91 cells" in out and re.search(r"estimate: [0-9.]+ GPU-hours", out)
+    methods = ("student", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst_poly",
+               "dkd", "dist", "kd_ls")
+    for m in methods:
+        assert len(re.findall(rf"cifar100\s+\S+\s+\S+\s+{m}\s", out)) == 7, m
     pairs = set(re.findall(r"cifar100\s+(\S+)\s+(\S+)\s+(?:student|kd|fitnet|at|nst_poly)\s", out))
     assert pairs == {("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"),
                      ("resnet56", "resnet20"), ("resnet110", "resnet20"),
@@ -148,7 +152,9 @@ def test_teacher_from_a_checkpoint_is_evaluated_not_trained(tmp_path, capsys):
 def test_reference_rows_and_the_published_column():
     ref = load_reference()
     crd = ref[ref["grid"] == "crd-cifar100"]
-    assert len(crd) == 35
+    # every figure of RepDistiller's same-architecture table (15 rows x 7 pairs, FSP's N/A
+    # included) and mdistiller's 6 DKD figures
+    assert len(crd) == 14 * 7 + 6
     row = crd[(crd["student"] == "resnet8x4") & (crd["method"] == "kd")].iloc[0]
     assert row["top1"] == 73.33 and row["teacher_top1"] == 79.42
     paper = ref[ref["grid"] == "paper-cifar"]

@@ -14,7 +14,8 @@ from kt_bench.method import METHODS, CombinedMethod, build_method
 from kt_bench.plugins import load_entry_points, load_plugin_dir, load_plugins
 from kt_bench.registry import Registry
 
-BUILTIN = ["at", "fitnet", "kd", "nst_gauss", "nst_linear", "nst_poly", "student"]
+BUILTIN = ["at", "cc", "dist", "dkd", "fitnet", "kd", "kd_ls", "nst_gauss", "nst_linear",
+           "nst_poly", "pkt", "rkd", "sp", "student", "vid"]
 
 PLUGIN = '''
 import torch

@@ -92,7 +92,7 @@ def test_every_option_of_a_builtin_method_changes_the_cell_id(tmp_path):
 
 def test_defaults_are_recorded_complete_per_member():
     config = method_config("kd+nst_poly", {"kd": {"T": 2}})
-    assert config["kd"] == {"weight": 1.0, "ce_weight": None, "T": 2.0}
+    assert config["kd"] == {"weight": 1.0, "ce_weight": None, "T": 2.0, "standardize": False}
     assert config["nst_poly"]["weight"] == 50.0 and config["nst_poly"]["degree"] == 2
     assert set(config["nst_poly"]) >= {"layers", "align", "c"}
 
