@@ -111,15 +111,19 @@ def _check_progress(state: dict[str, Any]) -> None:
 
 
 def restore_training(path: Path, trainee: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, main: bool = True) -> dict[str, Any] | None:
+                     scheduler: Any, main: bool = True,
+                     init_optimizer: torch.optim.Optimizer | None = None
+                     ) -> dict[str, Any] | None:
     """Load the training checkpoint ``path`` (or its previous copy) into ``trainee``,
-    ``optimizer`` and ``scheduler`` and return it; None, with the three untouched, when there
-    is none or none is usable. Damaged copies are handled as in :func:`load_checkpoint`,
-    logged beside ``path``."""
+    ``optimizer``, ``scheduler`` (and the initialisation stage's ``init_optimizer``, where
+    the checkpoint has one) and return it; None, with them untouched, when there is none or
+    none is usable. Damaged copies are handled as in :func:`load_checkpoint`, logged beside
+    ``path``."""
     if not (path.exists() or previous_path(path).exists()):
         return None
+    parts = [p for p in (trainee, optimizer, scheduler, init_optimizer) if p is not None]
     # a state that half fits would leave half of it loaded: restore the fresh start
-    fresh = [copy.deepcopy(part.state_dict()) for part in (trainee, optimizer, scheduler)]
+    fresh = [copy.deepcopy(part.state_dict()) for part in parts]
 
     def apply(state: dict[str, Any]) -> None:
         _check_progress(state)
@@ -127,8 +131,10 @@ def restore_training(path: Path, trainee: torch.nn.Module, optimizer: torch.opti
             trainee.load_state_dict(state["trainee"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if init_optimizer is not None and state.get("init_optimizer") is not None:
+                init_optimizer.load_state_dict(state["init_optimizer"])
         except Exception:
-            for part, original in zip((trainee, optimizer, scheduler), fresh, strict=True):
+            for part, original in zip(parts, fresh, strict=True):
                 part.load_state_dict(original)
             raise
 

@@ -9,6 +9,7 @@ the CPU gives the same numbers, and a cell resumed from its checkpoint continues
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +29,7 @@ from kt_bench.checkpoints import restore_training, save_checkpoint
 from kt_bench.config import Recipe
 from kt_bench.data.bundle import DataBundle, derived_seed
 from kt_bench.errors import KtBenchError, first_line
-from kt_bench.method import Batch, Method
+from kt_bench.method import INIT, MAIN, Batch, Method
 from kt_bench.models import build_model
 from kt_bench.spec import Spec
 from kt_bench.taps import TapRecorder
@@ -129,7 +130,7 @@ class TrainResult:
     @property
     def top1_best(self) -> float:
         """Best test top-1 accuracy (%) over the epochs (shown beside top1, never instead)."""
-        return max(h["top1"] for h in self.history)
+        return max(h["top1"] for h in self.history if h.get("stage") != INIT)
 
     @property
     def images_per_s(self) -> float:
@@ -192,6 +193,8 @@ class _Member:
     checkpoint: Path | None
     on_epoch: Callable[[list[dict[str, Any]]], None] | None
     base_ce: float
+    #: The initialisation stage's optimiser (None without one).
+    init_optimizer: torch.optim.Optimizer | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     train_s: float = 0.0
     images: int = 0
@@ -201,6 +204,12 @@ class _Member:
     @property
     def start_epoch(self) -> int:
         return len(self.history)
+
+    def stage_of(self, epoch: int, epochs: int) -> tuple[str, int, int]:
+        """(stage, epoch within it, its epochs) of global ``epoch`` (the initialisation
+        stage's epochs come first)."""
+        init = self.method.init_epochs
+        return (INIT, epoch, init) if epoch < init else (MAIN, epoch - init, epochs)
 
 
 def compile_model(model: nn.Module) -> None:
@@ -224,23 +233,34 @@ def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: R
     student = build_model(student_spec, data.num_classes, data.in_channels)
     if method.needs_teacher:
         set_seed(derived_seed(seed, 2))  # the method's own parameters
+        method.setup_data(data.train_labels(), data.num_classes)
         setup_method(method, student, teacher, data.probe())
     trainee = Trainee(student, method).to(memory_format=torch.channels_last)
     if compile:
         compile_model(student)
-    optimizer = torch.optim.SGD(trainee.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    optimizer = _sgd(trainee, recipe, recipe.lr)
     scheduler = make_scheduler(optimizer, recipe)
+    init_optimizer = None
+    if method.init_epochs:  # the initialisation stage's own SGD at a constant rate
+        init_optimizer = _sgd(trainee, recipe, method.init_lr or recipe.lr)
     member = _Member(method, trainee, optimizer, scheduler, checkpoint, on_epoch,
-                     base_ce_weight(method, recipe))
+                     base_ce_weight(method, recipe), init_optimizer)
     if checkpoint is not None:  # a damaged one is set aside: the previous copy, or scratch
         state = restore_training(checkpoint, trainee, optimizer, scheduler,
-                                 accelerator.is_main_process)
+                                 accelerator.is_main_process, init_optimizer)
         if state is not None:
             member.history, member.train_s, member.images = (state["history"],
                                                              state["train_s"], state["images"])
     member.trainee, member.optimizer = accelerator.prepare(trainee, optimizer)
+    if init_optimizer is not None:
+        member.init_optimizer = accelerator.prepare(init_optimizer)
     return member
+
+
+def _sgd(trainee: nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    """SGD over every parameter of ``trainee`` with the recipe's momentum and weight decay."""
+    return torch.optim.SGD(trainee.parameters(), lr=lr, momentum=recipe.momentum,
+                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
 
 
 def total_loss(logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor],
@@ -267,6 +287,7 @@ def setup_method(method: Method, student: nn.Module, teacher: nn.Module | None,
     """Let ``method`` build its trainable parts from its taps' shapes on ``probe`` images
     (a method that needs no teacher has nothing to set up)."""
     if method.needs_teacher:
+        method.setup_teacher(teacher)
         method.setup(tap_shapes(student, method.taps, probe),
                      tap_shapes(teacher, method.taps, probe.to(next(teacher.parameters()).device)))
 
@@ -281,16 +302,17 @@ def teacher_taps(teacher: nn.Module, recorder: TapRecorder, x: torch.Tensor,
     return {k: v.clone() for k, v in taps.items()}
 
 
-def _step(member: _Member, accelerator: Accelerator, x: torch.Tensor, y: torch.Tensor,
+def _step(member: _Member, accelerator: Accelerator, x: torch.Tensor, batch: Batch,
           t_taps: dict | None, weights: dict[str, float], ce_weight: float,
-          sums: dict[str, torch.Tensor], log_step: int | None, epoch: int, epochs: int) -> None:
+          sums: dict[str, torch.Tensor], log_step: int | None,
+          optimizer: torch.optim.Optimizer) -> None:
     """One optimisation step of one student; loss terms are summed on the device."""
     with accelerator.autocast():
-        logits, terms = member.trainee(x, t_taps, Batch(y, epoch, epochs))
-        loss = total_loss(logits, y, terms, weights, ce_weight)
+        logits, terms = member.trainee(x, t_taps, batch)
+        loss = total_loss(logits, batch.labels, terms, weights, ce_weight)
     accelerator.backward(loss)
-    member.optimizer.step()
-    member.optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     for name, value in {**terms, "loss": loss}.items():
         sums[name] = sums.get(name, 0) + value.detach().float()
     if log_step is not None:  # only when a tracker is on: logging reads the values back
@@ -304,11 +326,16 @@ def _end_epoch(member: _Member, accelerator: Accelerator, data: DataBundle, reci
     checkpoint."""
     member.train_s += seconds
     member.epoch_s.append(seconds)
-    record: dict[str, Any] = {"epoch": epoch + 1, "lr": member.optimizer.param_groups[0]["lr"]}
+    stage = member.stage_of(epoch, recipe.epochs)[0]
+    optimizer = member.init_optimizer if stage == INIT else member.optimizer
+    record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+    if stage == INIT:
+        record["stage"] = INIT
     record.update({k: v.item() / max(n_steps, 1) for k, v in sums.items()})
     if not math.isfinite(record.get("loss", 0.0)):
         raise DivergedError(f"loss became {record['loss']} in epoch {epoch + 1}")
-    member.scheduler.step()
+    if stage == MAIN:
+        member.scheduler.step()
     record.update(evaluate(accelerator, accelerator.unwrap_model(member.trainee).student, data,
                            recipe.eval_batch_size))
     member.history.append(record)
@@ -321,10 +348,23 @@ def _end_epoch(member: _Member, accelerator: Accelerator, data: DataBundle, reci
                 "trainee": accelerator.unwrap_model(member.trainee).state_dict(),
                 "optimizer": member.optimizer.state_dict(),
                 "scheduler": member.scheduler.state_dict(),
+                "init_optimizer": (member.init_optimizer.state_dict()
+                                   if member.init_optimizer is not None else None),
                 "history": member.history, "train_s": member.train_s,
                 "images": member.images})
         if member.on_epoch is not None:
             member.on_epoch(member.history)
+
+
+def _epoch_plan(member: _Member, epoch: int, recipe: Recipe):
+    """What one student does in global ``epoch``: the stage (a :class:`Batch` template), the
+    terms' weights, the cross-entropy weight and the optimiser."""
+    stage, e, n = member.stage_of(epoch, recipe.epochs)
+    template = Batch(torch.empty(0), e, n, stage=stage)
+    if stage == INIT:  # no labels in the initialisation stage
+        return template, member.method.init_term_weights(e, n), 0.0, member.init_optimizer
+    return (template, member.method.term_weights(e, n),
+            member.base_ce * member.method.ce_scale(e, n), member.optimizer)
 
 
 def train_cohort(
@@ -380,55 +420,64 @@ def train_cohort(
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     steps = math.ceil(data.n_train / recipe.batch_size)
-    first = min((m.start_epoch for m in members if m.error is None), default=recipe.epochs)
-    bar = tqdm(total=steps * (recipe.epochs - first), desc=desc, leave=False,
+    healthy = [m for m in members if m.error is None]
+    first = min((m.start_epoch for m in healthy), default=0)
+    last = max((m.method.init_epochs + recipe.epochs for m in healthy), default=0)
+    bar = tqdm(total=steps * max(last - first, 0), desc=desc, leave=False,
                disable=not accelerator.is_local_main_process, unit="step")
     logging = bool(accelerator.trackers) and len(members) == 1
     try:
-        for epoch in range(first, recipe.epochs):
-            active = [m for m in members if m.error is None and m.start_epoch <= epoch]
+        # global epochs: a member's initialisation stage (if any), then the recipe's epochs;
+        # the data order of each global epoch is shared by the cohort
+        for epoch in range(first, last):
+            active = [m for m in members if m.error is None and m.start_epoch <= epoch
+                      < m.method.init_epochs + recipe.epochs]
             if not active:
                 break
             plan = []
             for m in active:
                 try:
-                    plan.append((m, m.method.term_weights(epoch, recipe.epochs),
-                                 m.base_ce * m.method.ce_scale(epoch, recipe.epochs), {}))
+                    plan.append((m, *_epoch_plan(m, epoch, recipe), {}))
                 except Exception as exc:  # noqa: BLE001 - this student stops, the rest go on
                     m.error = exc
             use_teacher = any(m.method.needs_teacher for m, *_ in plan)
-            for m, *_ in plan:
+            for m, stage, *_ in plan:
                 m.trainee.train()
+                if stage.stage == INIT and not m.method.init_trains_student:
+                    accelerator.unwrap_model(m.trainee).student.eval()
             n_steps = 0
             t0 = time.perf_counter()
-            for x, y in data.train_batches(epoch, seed, recipe.batch_size, device, rank, world):
+            for x, y, idx in data.train_batches(epoch, seed, recipe.batch_size, device, rank,
+                                                world, indices=True):
                 x = channels_last(x)
                 t_taps = None
                 if use_teacher:
                     t_taps = teacher_taps(teacher, teacher_rec, x, accelerator)
                 n_steps += 1
-                for m, weights, ce_weight, sums in plan:
+                step_seed = derived_seed(seed, 5, epoch, n_steps)
+                for m, stage, weights, ce_weight, optimizer, sums in plan:
                     if m.error is not None:
                         continue
+                    batch = dataclasses.replace(stage, labels=y, indices=idx, seed=step_seed)
                     try:
-                        _step(m, accelerator, x, y, t_taps if m.method.needs_teacher else None,
-                              weights, ce_weight, sums,
-                              epoch * steps + n_steps if logging else None, epoch, recipe.epochs)
+                        _step(m, accelerator, x, batch,
+                              t_taps if m.method.needs_teacher else None, weights, ce_weight,
+                              sums, epoch * steps + n_steps if logging else None, optimizer)
                     except Exception as exc:  # noqa: BLE001
                         m.error = exc
                     m.images += x.shape[0] * world
                 bar.update(1)
             seconds = time.perf_counter() - t0
-            for m, _, _, sums in plan:
+            for m, _, _, _, _, sums in plan:
                 if m.error is None:
                     try:
                         _end_epoch(m, accelerator, data, recipe, epoch, n_steps, sums, seconds,
                                    steps)
                     except Exception as exc:  # noqa: BLE001
                         m.error = exc
-            last = [m.history[-1] for m, *_ in plan if m.error is None and m.history]
-            if len(last) == 1:
-                bar.set_postfix(loss=f"{last[0]['loss']:.3f}", top1=f"{last[0]['top1']:.1f}")
+            shown = [m.history[-1] for m, *_ in plan if m.error is None and m.history]
+            if len(shown) == 1:
+                bar.set_postfix(loss=f"{shown[0]['loss']:.3f}", top1=f"{shown[0]['top1']:.1f}")
     finally:
         bar.close()
         if teacher_rec is not None:

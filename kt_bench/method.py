@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kt_bench.errors import ConfigError, first_line
+from kt_bench.errors import ConfigError, KtBenchError, first_line
 from kt_bench.registry import Registry
 from kt_bench.spec import plain, resolve_options
 
@@ -30,14 +30,29 @@ class MethodBuildError(ConfigError):
     """A method plugin whose constructor raised for valid options (a bug in the plugin)."""
 
 
+class NotApplicable(KtBenchError):
+    """The method does not apply to this pair (e.g. FSP on stages of unequal channel counts,
+    which the published table marks N/A); the cell's row gets status ``n/a`` and the reason."""
+
+
+#: The stage of an initialisation epoch (see :attr:`Method.init_epochs`) and of the others.
+INIT, MAIN = "init", "main"
+
+
 @dataclass(frozen=True)
 class Batch:
-    """What a method may read of the training batch besides the taps: the labels, and where
-    the step is in training (``epoch`` is 0-based, of ``epochs``)."""
+    """What a method may read of the training batch besides the taps: the labels, the samples'
+    indices in the training set (every process's own share), where the step is in training
+    (``stage`` ``"init"`` or ``"main"``; ``epoch`` 0-based within the stage, of ``epochs``)
+    and ``seed``, a seed for the step's own random draws (fixed by the cell's seed, the epoch
+    and the step, so a resumed run draws the same)."""
 
     labels: torch.Tensor
     epoch: int = 0
     epochs: int = 1
+    indices: torch.Tensor | None = None
+    stage: str = MAIN
+    seed: int = 0
 
 
 class Method(nn.Module):
@@ -55,6 +70,16 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     default_weight: ClassVar[float] = 1.0
+    #: Epochs of an initialisation stage run before the recipe's epochs (RepDistiller's
+    #: ``init_epochs`` for AB, FT and FSP): its loss is :meth:`init_term_weights` over the
+    #: terms :meth:`loss_terms` returns for ``batch.stage == "init"``, without cross-entropy,
+    #: optimised by its own SGD at a constant ``init_lr`` (None: the recipe's lr); parameters
+    #: that get no gradient then are left alone (no weight decay either).
+    init_epochs: int = 0
+    init_lr: float | None = None
+    #: Whether the student's BatchNorm layers train during the initialisation stage (False:
+    #: the student runs in eval mode there, as RepDistiller's FT initialisation does).
+    init_trains_student: bool = True
     #: The cross-entropy weight the method trains with unless ``ce_weight`` is given; None:
     #: the recipe's.
     default_ce_weight: ClassVar[float | None] = None
@@ -73,6 +98,14 @@ class Method(nn.Module):
     def needs_teacher(self) -> bool:
         """Whether the teacher must run (any tap requested)."""
         return bool(self.taps)
+
+    def setup_data(self, labels: torch.Tensor, num_classes: int) -> None:
+        """Read what the method needs of the training set (its labels, in sample-index order,
+        e.g. CRD's memory banks and negative sampling); called once before :meth:`setup`."""
+
+    def setup_teacher(self, teacher: nn.Module) -> None:
+        """Read what the method needs of the frozen teacher itself (e.g. OFD's margins from the
+        BatchNorm before each ReLU); called once before :meth:`setup`."""
 
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
         """Build trainable parts from the taps' shapes (one batch, seen before training)."""
@@ -104,6 +137,11 @@ class Method(nn.Module):
         """Multiplier on the cross-entropy weight in ``epoch``; 0 turns the labels off."""
         return 1.0
 
+    def init_term_weights(self, epoch: int, epochs: int) -> dict[str, float]:
+        """Weight of each term in initialisation ``epoch`` (0-based) of ``epochs``; default:
+        ``weight`` on the method's own term."""
+        return {self.name: self.weight}
+
     def describe(self) -> dict[str, Any]:
         """The method's complete options, as cells store them (``ce_weight`` included)."""
         return dict(self.options)
@@ -126,11 +164,30 @@ class CombinedMethod(Method):
         super().__init__(weight=1.0)
         self.members = nn.ModuleList(members)
         self.taps = tuple(dict.fromkeys(t for m in members for t in m.taps))
+        initialising = [m for m in members if m.init_epochs]
+        if len(initialising) > 1:
+            names = "+".join(m.name for m in members)
+            raise ConfigError(f"method '{names}': at most one member may have an "
+                              "initialisation stage")
+        if initialising:
+            init = initialising[0]
+            self.init_epochs, self.init_lr = init.init_epochs, init.init_lr
+            self.init_trains_student = init.init_trains_student
         ce = {m.ce_weight for m in members if m.ce_weight is not None}
         if len(ce) > 1:
             names = "+".join(m.name for m in members)
             raise ConfigError(f"method '{names}': members set different ce_weight {sorted(ce)}")
         self.ce_weight = ce.pop() if ce else None
+
+    def setup_data(self, labels: torch.Tensor, num_classes: int) -> None:
+        """Every member reads the training set."""
+        for m in self.members:
+            m.setup_data(labels, num_classes)
+
+    def setup_teacher(self, teacher: nn.Module) -> None:
+        """Every member reads the teacher."""
+        for m in self.members:
+            m.setup_teacher(teacher)
 
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
         """Set up every member."""
@@ -150,6 +207,14 @@ class CombinedMethod(Method):
         out: dict[str, float] = {}
         for m in self.members:
             out.update(m.term_weights(epoch, epochs))
+        return out
+
+    def init_term_weights(self, epoch: int, epochs: int) -> dict[str, float]:
+        """The union of the initialising members' weights."""
+        out: dict[str, float] = {}
+        for m in self.members:
+            if m.init_epochs:
+                out.update(m.init_term_weights(epoch, epochs))
         return out
 
     def ce_scale(self, epoch: int, epochs: int) -> float:

@@ -150,6 +150,7 @@ def _probe_one(cell: Cell, networks: _Networks) -> str | None:
         networks.tap_shapes(cell.student, cell.dataset, ())  # the student's forward works
         method = build_method(cell.method, cell.method_config)
         if method.needs_teacher:
+            method.setup_teacher(networks.model(cell.teacher, cell.dataset)[1])
             method.setup(networks.tap_shapes(cell.student, cell.dataset, method.taps),
                          networks.tap_shapes(cell.teacher, cell.dataset, method.taps))
     except _BuildFailed as exc:

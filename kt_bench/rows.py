@@ -20,8 +20,9 @@ RESULT_COLUMNS = [
     "top1_best", "teacher_top1", "wall_s", "images_per_s", "world_size", "precision", "status",
     "error", "cell_id", "config_id", "setting_id",
 ]
-#: Statuses of cells that are finished and never run again (failed and oom cells are retried).
-DONE_STATUSES = ("ok", "diverged")
+#: Statuses of cells that are finished and never run again (failed and oom cells are retried;
+#: ``n/a``: the method does not apply to the pair).
+DONE_STATUSES = ("ok", "diverged", "n/a")
 
 
 def result_path(out: Path, cell_id: str) -> Path:

@@ -21,7 +21,7 @@ from kt_bench.data.bundle import DataBundle
 from kt_bench.engine import DivergedError, TrainResult, train_cohort
 from kt_bench.errors import KtBenchError, first_line
 from kt_bench.locks import FileLock
-from kt_bench.method import Method, build_method
+from kt_bench.method import Method, NotApplicable, build_method
 from kt_bench.rows import finished_row, result_path, write_results_csv
 from kt_bench.teachers import get_teacher
 
@@ -43,7 +43,9 @@ def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None
     if error is None and result is not None:
         row.update(top1=result.top1, top5=result.top5, top1_best=result.top1_best,
                    wall_s=result.wall_s, images_per_s=result.images_per_s, status="ok",
-                   error="")
+                   error="", init_epochs=sum(h.get("stage") == "init" for h in result.history))
+    elif isinstance(error, NotApplicable):  # as the published tables print N/A
+        row.update(status="n/a", error=first_line(error))
     elif isinstance(error, DivergedError):
         row.update(status="diverged", error=first_line(error))
     elif isinstance(error, torch.cuda.OutOfMemoryError):

@@ -85,8 +85,13 @@ class DataBundle:
         return len(self.test)
 
     def train_batches(self, epoch: int, seed: int, batch_size: int, device: torch.device,
-                      rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        """The augmented training batches of ``epoch``, this process's share of each."""
+                      rank: int = 0, world: int = 1, indices: bool = False) -> Iterator[Batch]:
+        """The augmented training batches of ``epoch``, this process's share of each: (images,
+        labels), and with ``indices`` the samples' indices in the training set too."""
+        raise NotImplementedError
+
+    def train_labels(self) -> torch.Tensor:
+        """The labels of the training set in sample-index order (CPU, int64)."""
         raise NotImplementedError
 
     def test_batches(self, batch_size: int, device: torch.device, rank: int = 0,
@@ -140,7 +145,7 @@ class TensorData(DataBundle):
             return (x.float().div_(255) - on["mean"]) / on["std"]
         return x
 
-    def train_batches(self, epoch, seed, batch_size, device, rank=0, world=1):
+    def train_batches(self, epoch, seed, batch_size, device, rank=0, world=1, indices=False):
         """Batches of one epoch; augmentation (crop, flip) on the device, then normalisation.
 
         Every process augments the whole global batch and keeps its share, so the images a
@@ -153,7 +158,13 @@ class TensorData(DataBundle):
             x = on["train"].images[idx]
             if self.augment is not None:
                 x = self.augment(x, gen)
-            yield self._normalise(x[rank::world], on), on["train"].labels[idx[rank::world]]
+            mine = idx[rank::world]
+            batch = (self._normalise(x[rank::world], on), on["train"].labels[mine])
+            yield (*batch, mine) if indices else batch
+
+    def train_labels(self) -> torch.Tensor:
+        """The training labels (CPU, int64)."""
+        return self.train.labels.cpu().long()
 
     def test_batches(self, batch_size, device, rank=0, world=1):
         """The test split in order, every ``world``-th sample for process ``rank``."""
@@ -211,13 +222,22 @@ class LoaderData(DataBundle):
                                            num_workers=self.workers,
                                            pin_memory=device.type == "cuda")
 
-    def train_batches(self, epoch, seed, batch_size, device, rank=0, world=1):
+    def train_batches(self, epoch, seed, batch_size, device, rank=0, world=1, indices=False):
         """Batches of one epoch loaded by worker processes."""
         base = derived_seed(seed, 3, epoch)
         batches = [[(i, derived_seed(base, i)) for i in b.tolist()]
                    for b in epoch_batches(self.n_train, batch_size, seed, epoch, rank, world)]
-        for x, y in self._loader(self.train, batches, device):
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for (x, y), b in zip(self._loader(self.train, batches, device), batches, strict=True):
+            batch = (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            idx = torch.tensor([i for i, _ in b], device=device)
+            yield (*batch, idx) if indices else batch
+
+    def train_labels(self) -> torch.Tensor:
+        """The training labels (from the dataset's ``targets``, as torchvision keeps them)."""
+        targets = getattr(self.train, "targets", None)
+        if targets is None:
+            targets = [self.train[i][1] for i in range(len(self.train))]
+        return torch.as_tensor(targets, dtype=torch.long)
 
     def test_batches(self, batch_size, device, rank=0, world=1):
         """The test split in order, every ``world``-th sample for process ``rank``."""
