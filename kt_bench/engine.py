@@ -116,6 +116,8 @@ class TrainResult:
     epoch_s: list[float] = field(default_factory=list)
     #: Why training stopped early (a diverged loss, a method's exception), else None.
     error: BaseException | None = None
+    #: What the method settled on while training (:meth:`Method.facts`).
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def top1(self) -> float:
@@ -484,7 +486,8 @@ def train_cohort(
             teacher_rec.remove()
     wall = time.perf_counter() - started
     return [TrainResult(accelerator.unwrap_model(m.trainee).student if m.trainee else None,
-                        m.history, wall, m.train_s, m.images, m.epoch_s, m.error)
+                        m.history, wall, m.train_s, m.images, m.epoch_s, m.error,
+                        m.method.facts() if m.trainee else {})
             for m in members]
 
 

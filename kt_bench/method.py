@@ -142,6 +142,12 @@ class Method(nn.Module):
         ``weight`` on the method's own term."""
         return {self.name: self.weight}
 
+    def facts(self) -> dict[str, Any]:
+        """Values the method settled on while training that its result row should record
+        (e.g. ``{"crd.nce_k": 4095}`` where a requested size had to be capped); keys named
+        ``<method>.<what>``."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """The method's complete options, as cells store them (``ce_weight`` included)."""
         return dict(self.options)
@@ -215,6 +221,13 @@ class CombinedMethod(Method):
         for m in self.members:
             if m.init_epochs:
                 out.update(m.init_term_weights(epoch, epochs))
+        return out
+
+    def facts(self) -> dict[str, Any]:
+        """The union of the members' facts."""
+        out: dict[str, Any] = {}
+        for m in self.members:
+            out.update(m.facts())
         return out
 
     def ce_scale(self, epoch: int, epochs: int) -> float:

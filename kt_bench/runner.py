@@ -43,7 +43,8 @@ def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None
     if error is None and result is not None:
         row.update(top1=result.top1, top5=result.top5, top1_best=result.top1_best,
                    wall_s=result.wall_s, images_per_s=result.images_per_s, status="ok",
-                   error="", init_epochs=sum(h.get("stage") == "init" for h in result.history))
+                   error="", init_epochs=sum(h.get("stage") == "init" for h in result.history),
+                   **result.facts)
     elif isinstance(error, NotApplicable):  # as the published tables print N/A
         row.update(status="n/a", error=first_line(error))
     elif isinstance(error, DivergedError):

@@ -17,6 +17,7 @@ from kt_bench.errors import KtBenchError, first_line
 from kt_bench.locks import FileLock
 from kt_bench.method import CrossEntropyOnly
 from kt_bench.models import build_model
+from kt_bench.reference_checkpoints import fit_state
 
 
 def teacher_path(cache_dir: Path, cell: Cell) -> Path:
@@ -26,7 +27,9 @@ def teacher_path(cache_dir: Path, cell: Cell) -> Path:
 
 def load_state(model: nn.Module, checkpoint: str) -> None:
     """Load a user's checkpoint into ``model``: a state dict, or a dict holding one under
-    ``model``, ``state_dict`` or ``net``; a mismatch is a one-line error."""
+    ``model``, ``state_dict`` or ``net``, named as kt-bench names the weights or as
+    RepDistiller's published teachers do (kt_bench.reference_checkpoints); a mismatch is a
+    one-line error."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     except FileNotFoundError:
@@ -42,6 +45,7 @@ def load_state(model: nn.Module, checkpoint: str) -> None:
         raise KtBenchError(f"teacher checkpoint {checkpoint} holds a {type(state).__name__}, "
                            "not a state dict")
     state = {str(k).removeprefix("module."): v for k, v in state.items()}
+    state = fit_state(model, state, f"teacher checkpoint {checkpoint}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -9,6 +9,7 @@ from kt_bench.models.zoo import MODELS, build_model, count_parameters, register_
 
 # Importing the zoo modules registers their entries.
 from kt_bench.models import (  # noqa: E402,F401  isort: skip
-    cifar_resnet, inception_bn, preact_resnet, torchvision_zoo, vgg, wrn)
+    cifar_resnet, cifar_resnet50, inception_bn, mobilenetv2, preact_resnet, shufflenetv1,
+    shufflenetv2, torchvision_zoo, vgg, wrn)
 
 __all__ = ["MODELS", "build_model", "count_parameters", "register_model"]

@@ -37,7 +37,11 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """A CIFAR ResNet with taps ``stage1..3``, ``feat``, ``feat_pre``, ``pool``, ``logits``."""
+    """A CIFAR ResNet with taps ``stage1..3``, ``stage1_pre..stage3_pre``, ``feat``,
+    ``feat_pre``, ``pool``, ``logits``; ``bn_before_relu`` names each stage's last ``bn2``."""
+
+    #: How RepDistiller's checkpoints name this family's weights (kt_bench.reference_checkpoints).
+    reference_layout = "repdistiller_resnet"
 
     def __init__(self, blocks: int, num_classes: int, in_channels: int = 3, width: float = 1.0,
                  channels: tuple[int, int, int, int] = (16, 16, 32, 64)):
@@ -61,15 +65,21 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        last = f"layer3.{blocks - 1}.relu_out"
+        last = blocks - 1
         self.tap_map = {
             "stage1": "layer1",
             "stage2": "layer2",
             "stage3": "layer3",
             "feat": "layer3",
-            "feat_pre": f"{last}:input",
+            "feat_pre": f"layer3.{last}.relu_out:input",
             "pool": "pool",
         }
+        # R's preact=True list: each stage's last residual sum, before its final ReLU
+        for k in (1, 2, 3):
+            self.tap_map[f"stage{k}_pre"] = f"layer{k}.{last}.relu_out:input"
+        # M's get_bn_before_relu: the last block's second BN (its output plus the shortcut
+        # feeds the stage's final ReLU)
+        self.bn_before_relu = {f"stage{k}": f"layer{k}.{last}.bn2" for k in (1, 2, 3)}
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))

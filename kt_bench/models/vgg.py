@@ -19,8 +19,12 @@ CONFIGS = {
 
 
 class VGG(nn.Module):
-    """VGG-BN with taps ``stage1..4`` (block outputs after ReLU), ``feat``, ``feat_pre``,
-    ``pool``, ``logits``."""
+    """VGG-BN with taps ``stage1..4`` (block outputs after ReLU), ``stage1_pre..stage4_pre``
+    (the same before that ReLU), ``feat``, ``feat_pre``, ``pool``, ``logits``;
+    ``bn_before_relu`` names each block's last BN."""
+
+    #: How RepDistiller's checkpoints name this family's weights (kt_bench.reference_checkpoints).
+    reference_layout = "repdistiller_vgg"
 
     def __init__(self, config, num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -39,10 +43,13 @@ class VGG(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
-        last = len(config[4]) * 3 - 1
+        # each block is (conv, BN, ReLU) triples: its last BN sits just before its last ReLU
+        self.bn_before_relu = {f"stage{k}": f"block{k}.{len(config[k]) * 3 - 2}"
+                               for k in (1, 2, 3, 4)}
         self.tap_map = {"stage1": "block1", "stage2": "block2", "stage3": "block3",
                         "stage4": "block4", "feat": "block4",
-                        "feat_pre": f"block4.{last}:input", "pool": "pool"}
+                        "feat_pre": f"block4.{len(config[4]) * 3 - 1}:input", "pool": "pool",
+                        **{f"{stage}_pre": bn for stage, bn in self.bn_before_relu.items()}}
 
     def forward(self, x):
         x = self.down[0](self.block0(x))

@@ -35,8 +35,12 @@ class PreActBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN with taps ``stage1..3`` (pre-activation stage outputs), ``feat_pre``, ``feat``,
-    ``pool``, ``logits``."""
+    """WRN with taps ``stage1..3`` (the raw stage outputs), ``stage1_pre..stage3_pre`` (those
+    outputs through the BN that comes next), ``feat_pre``, ``feat``, ``pool``, ``logits``;
+    ``bn_before_relu`` names those BNs."""
+
+    #: How RepDistiller's checkpoints name this family's weights (kt_bench.reference_checkpoints).
+    reference_layout = "repdistiller_wrn"
 
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -58,8 +62,13 @@ class WideResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # A stage's pre-activation value (R's and M's preact=True list) is its output passed
+        # through the BN that opens the next stage (or the final BN): that BN's output.
+        self.bn_before_relu = {"stage1": "block2.0.bn1", "stage2": "block3.0.bn1",
+                               "stage3": "bn"}
         self.tap_map = {"stage1": "block1", "stage2": "block2", "stage3": "block3",
-                        "feat_pre": "bn", "feat": "relu", "pool": "pool"}
+                        "feat_pre": "bn", "feat": "relu", "pool": "pool",
+                        **{f"{stage}_pre": bn for stage, bn in self.bn_before_relu.items()}}
 
     def forward(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
