@@ -144,8 +144,8 @@ class Method(nn.Module):
 
     def facts(self) -> dict[str, Any]:
         """Values the method settled on while training that its result row should record
-        (e.g. ``{"crd.nce_k": 4095}`` where a requested size had to be capped); keys named
-        ``<method>.<what>``."""
+        (e.g. ``{"crd_nce_k": 4095}`` where a requested size had to be capped); keys named
+        ``<method>_<what>`` (no dots: dotted columns are swept options)."""
         return {}
 
     def describe(self) -> dict[str, Any]:
