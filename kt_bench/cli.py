@@ -74,10 +74,14 @@ def _apply_overrides(grid, args: argparse.Namespace):
     """``grid`` with --methods, --epochs and --seeds applied to every part of it."""
     methods = None
     if args.methods:
+        from kt_bench.method import METHODS, split_method_name
+
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if not methods:
             raise KtBenchError("--methods needs at least one method name")
-        from kt_bench.method import split_method_name
+        if "all" in methods and "all" not in METHODS:  # every registered method, once
+            at = methods.index("all")
+            methods = list(dict.fromkeys([*methods[:at], *METHODS.names(), *methods[at + 1:]]))
 
         for m in methods:
             split_method_name(m)  # an unknown name is the flag's error, not the grid file's
@@ -318,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="run a grid of cells and print the comparison table")
     p_run.add_argument("--grid", required=True, help="a built-in grid name or a .toml file")
     p_run.add_argument("--out", help="output folder (default: results/<grid>)")
-    p_run.add_argument("--methods", help="comma-separated methods replacing the grid's")
+    p_run.add_argument("--methods", help="comma-separated methods replacing the grid's "
+                                         "('all': every registered method)")
     p_run.add_argument("--epochs", type=int, help="student epochs replacing the recipe's")
     p_run.add_argument("--seeds", help="comma-separated seeds replacing the grid's")
     p_run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")

@@ -36,5 +36,5 @@ def _register_resnet(name: str) -> None:
     register_model(f"tv_{name}")(build)
 
 
-for _name in ("resnet18", "resnet50", "resnet101"):
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101"):
     _register_resnet(_name)
