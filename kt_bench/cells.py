@@ -102,22 +102,38 @@ class Cell:
                 **dict(self.params)}
 
 
-def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = None
-           ) -> list[Cell]:
+def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = None,
+           teachers_dir: str | None = None) -> list[Cell]:
     """The cells of ``grid`` (of each included grid in turn) in run order: dataset, pair,
-    seed, then method. ``teacher_checkpoint`` replaces every pair's. A cell that occurs
-    twice (a grid included twice, a method listed twice) is kept once, where it first
-    occurs."""
+    seed, then method. ``teacher_checkpoint`` replaces every pair's; ``teachers_dir`` (the
+    unpacked published teachers of RepDistiller/mdistiller) gives each pair without a
+    checkpoint of its own the published weights of its teacher. A cell that occurs twice (a
+    grid included twice, a method listed twice) is kept once, where it first occurs."""
     cells: list[Cell] = []
     for leaf in grid.leaves():
         for dataset in leaf.datasets:
             for pair in leaf.pairs:
+                ckpt = (teacher_checkpoint or pair.teacher_checkpoint
+                        or (published_teacher(teachers_dir, pair.teacher.name)
+                            if teachers_dir else None))
                 for seed in leaf.seeds:
                     for method in leaf.methods:
                         for params in _sweep_points(leaf, split_method_name(method)):
                             cells.append(_cell(grid.name, leaf, dataset, pair, seed, method,
-                                               params, precision, teacher_checkpoint))
+                                               params, precision, ckpt))
     return _first_of_each(cells)
+
+
+def published_teacher(folder: str, teacher: str) -> str:
+    """The published checkpoint of ``teacher`` in the unpacked teachers ``folder``; a one-line
+    error where it is missing."""
+    from kt_bench.reference_checkpoints import reference_teacher_path
+
+    path = reference_teacher_path(folder, teacher)
+    if not path.is_file():
+        raise KtBenchError(f"--teachers-dir {folder}: no published teacher for '{teacher}' at "
+                           f"{path}")
+    return str(path)
 
 
 def _first_of_each(cells: list[Cell]) -> list[Cell]:

@@ -111,7 +111,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, args.device)
     check_device_and_precision(args.device, precision)
     grid = _apply_overrides(load_grid(args.grid), args)
-    cells = select(expand(grid, precision, args.teacher_checkpoint), args.only)
+    if args.teacher_checkpoint and args.teachers_dir:
+        raise KtBenchError("give --teacher-checkpoint or --teachers-dir, not both")
+    cells = select(expand(grid, precision, args.teacher_checkpoint, args.teachers_dir),
+                   args.only)
     out = Path(args.out) if args.out else Path("results") / grid.name
     out_flag = "--out folder" if args.out else "output folder"
     if args.dry_run:
@@ -343,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(comma-separated values; repeatable, all must match)")
     p_run.add_argument("--teacher-checkpoint", metavar="PATH",
                        help="load the teacher from this checkpoint instead of training it")
+    p_run.add_argument("--teachers-dir", metavar="DIR",
+                       help="the unpacked published teachers of RepDistiller/mdistiller "
+                            "(<name>_vanilla/ckpt_epoch_240.pth): every pair's teacher is "
+                            "loaded from there instead of trained")
     p_run.add_argument("--dry-run", action="store_true",
                        help="list the cells with a GPU-hour estimate and stop")
     p_run.add_argument("--log-with", metavar="TRACKER",
