@@ -161,7 +161,8 @@ def _cell(name: str, leaf: Grid, dataset: Spec, pair, seed: int, method: str,
         swept.setdefault(member, {})[option] = value
     options = merge_options(leaf.method_options, pair.method_options, swept)
     return Cell(name, dataset, pair.teacher, pair.student, method,
-                method_config(method, options), seed, leaf.recipe, leaf.teacher_recipe,
+                method_config(method, options), seed, pair.recipe or leaf.recipe,
+                leaf.teacher_recipe,
                 precision, teacher_checkpoint or pair.teacher_checkpoint,
                 tuple(sorted(params.items())), leaf.teacher_seed)
 

@@ -160,6 +160,9 @@ class Pair:
     student: Spec
     teacher_checkpoint: str | None = None
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    #: The students' recipe of this pair where it differs from the grid's (RepDistiller
+    #: trains MobileNet and ShuffleNet students at lr 0.01); None: the grid's.
+    recipe: Recipe | None = None
 
 
 @dataclass
@@ -203,6 +206,9 @@ class Grid:
             changes["methods"] = list(methods)
         if epochs is not None:
             changes["recipe"] = with_epochs(self.recipe, epochs)
+            changes["pairs"] = [p if p.recipe is None else
+                                dataclasses.replace(p, recipe=with_epochs(p.recipe, epochs))
+                                for p in self.pairs]
         if seeds is not None:
             changes["seeds"] = unique(seeds)
         return dataclasses.replace(self, **changes).validate() if changes else self
@@ -293,7 +299,7 @@ def _grid_name(table: Mapping[str, Any], source: str) -> str:
 GRID_KEYS = ("name", "description", "datasets", "pairs", "methods", "seeds", "recipe",
              "teacher_recipe", "teacher_seed", "method_options", "sweep", "launcher", "extends")
 COMPOSITE_KEYS = ("name", "description", "include", "launcher")
-PAIR_KEYS = ("teacher", "student", "teacher_checkpoint", "method_options")
+PAIR_KEYS = ("teacher", "student", "teacher_checkpoint", "method_options", "recipe")
 
 
 def _list_of(table: Mapping, key: str, where: str, kind: type) -> list:
@@ -341,7 +347,7 @@ def _pair(p: Any, where: str) -> Pair:
     keys = set(p) if isinstance(p, Mapping) else set()
     if not {"teacher", "student"} <= keys or keys - set(PAIR_KEYS):
         raise ConfigError(f"{where} must be a table with the keys teacher and student "
-                          "(and optionally teacher_checkpoint, method_options)")
+                          "(and optionally teacher_checkpoint, method_options, recipe)")
     ckpt = p.get("teacher_checkpoint")
     if ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"{where}.teacher_checkpoint must be a path string")
@@ -423,6 +429,12 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
              for i, p in enumerate(_list_of(table, "pairs", source, object))]
     recipe = dataclass_from_table(Recipe, table.get("recipe", {}), f"{source}: recipe")
     recipe.validate(f"{source}: recipe")
+    raw_pairs = _list_of(table, "pairs", source, object)
+    for i, (pair, raw) in enumerate(zip(pairs, raw_pairs, strict=True)):
+        if isinstance(raw, Mapping) and "recipe" in raw:  # only what differs from [recipe]
+            where = f"{source}: pairs[{i}].recipe"
+            own = dataclass_from_table(Recipe, raw["recipe"], where, base=recipe).validate(where)
+            pairs[i] = dataclasses.replace(pair, recipe=own)
     teacher_recipe = _teacher_recipe(table.get("teacher_recipe", {}), recipe, source)
     options = _method_options(table.get("method_options", {}), f"{source}: method_options")
     teacher_seed = table.get("teacher_seed")

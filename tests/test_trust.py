@@ -177,3 +177,17 @@ def test_seeds_count_distinct_seeds():
                          {**row, "seed": 1}])
     (line,) = summarise(rows).to_dict("records")
     assert line["seeds"] == 2
+
+
+def test_a_pair_may_have_its_own_recipe(tmp_path):
+    text = (write_tiny_grid(tmp_path)).read_text().replace(
+        "[[pairs]]\n", "[[pairs]]\nrecipe = { lr = 0.01 }\n", 1)
+    path = tmp_path / "own.toml"
+    path.write_text(text)
+    (cell, _) = expand(load_grid(str(path)))
+    assert cell.recipe.lr == 0.01 and cell.recipe.batch_size == 32  # the rest is the grid's
+    (short, _) = expand(load_grid(str(path)).overridden(epochs=1))
+    assert short.recipe.lr == 0.01 and short.recipe.epochs == 1
+    with pytest.raises(ConfigError, match=r"pairs\[0\]\.recipe\.lr = -1\.0 is invalid"):
+        path.write_text(text.replace("lr = 0.01", "lr = -1.0"))
+        load_grid(str(path))
