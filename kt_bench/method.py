@@ -338,9 +338,16 @@ def method_config(spec: str, options: Mapping[str, Mapping[str, Any]] | None = N
     """Each member's complete options (``{"kd": {...}, "nst_poly": {...}}``), as a cell stores
     them; checked to round-trip: the method built from the stored form reports the same
     options, so nothing a cell runs with is lost. A plugin whose option cannot be stored (a
-    default that is no plain value) is a one-line error."""
+    default that is no plain value) is a one-line error.
+
+    A combination may have options of its own, which replace its members' for it alone:
+    ``options["crd+kd"] = {"kd": {"weight": 1.0}}`` (RepDistiller's CRD+KD weighs KD
+    differently from its KD row)."""
     options = options or {}
-    config = {part: resolve_member(part, options.get(part)) for part in split_method_name(spec)}
+    parts = split_method_name(spec)
+    own = options.get(spec, {}) if len(parts) > 1 else {}
+    config = {part: resolve_member(part, {**options.get(part, {}), **own.get(part, {})})
+              for part in parts}
     for part, resolved in config.items():
         bad = [k for k, v in resolved.items() if not _storable(v)]
         if bad:

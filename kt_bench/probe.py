@@ -150,6 +150,10 @@ def _probe_one(cell: Cell, networks: _Networks) -> str | None:
         networks.tap_shapes(cell.student, cell.dataset, ())  # the student's forward works
         method = build_method(cell.method, cell.method_config)
         if method.needs_teacher:
+            from kt_bench.data import dataset_info
+
+            info = dataset_info(cell.dataset)  # stand-in labels: every class, balanced
+            method.setup_data(torch.arange(info.n_train) % info.num_classes, info.num_classes)
             method.setup_teacher(networks.model(cell.teacher, cell.dataset)[1])
             method.setup(networks.tap_shapes(cell.student, cell.dataset, method.taps),
                          networks.tap_shapes(cell.teacher, cell.dataset, method.taps))

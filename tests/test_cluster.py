@@ -262,3 +262,53 @@ def test_two_stage_fitnet_trains_data_parallel(tmp_path, teacher_ckpt):
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = _rows(out).iloc[0]
     assert (row.status, row.world_size) == ("ok", 2)
+
+
+CRD_DDP_SCRIPT = '''
+import sys
+
+import torch
+
+from kt_bench import plugins
+from kt_bench.config import Recipe
+from kt_bench.data import load_dataset
+from kt_bench.engine import make_accelerator, train
+from kt_bench.method import build_method, method_config
+from kt_bench.models import build_model
+from kt_bench.spec import Spec
+
+plugins.load_builtin_methods()
+accelerator = make_accelerator("cpu")
+# 101 samples in batches of 32: the last batch of 5 splits 3 / 2 over the two processes
+data = load_dataset(Spec("synthetic", {"n_train": 101, "n_test": 20, "image_size": 8}))
+torch.manual_seed(0)
+teacher = build_model(Spec("resnet8", {"width": 0.5}), data.num_classes, data.in_channels)
+method = build_method("crd", method_config("crd", {"crd": {"feat_dim": 16, "nce_m": 0.3}}))
+result = train(data, Spec("resnet8", {"width": 0.25}), method,
+               Recipe(epochs=2, batch_size=32, lr=0.05), 0, accelerator, teacher)
+torch.save({"memory_v1": method.memory_v1, "memory_v2": method.memory_v2, "z": method.z,
+            "facts": result.facts, "world": accelerator.num_processes},
+           f"{sys.argv[1]}/rank{accelerator.process_index}.pt")
+'''
+
+
+def test_crd_banks_stay_equal_on_every_process(tmp_path):
+    """A CRD cell over 2 gloo processes: each process updates its memory banks with the whole
+    global batch (gathered), so after training both processes hold the same banks and the
+    same normalising constants, and every sample's row was updated (a unit vector) on both,
+    whichever process trained on it."""
+    script = tmp_path / "crd_ddp.py"
+    script.write_text(CRD_DDP_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["facts"] == r1["facts"] == {"crd_nce_k": 90}  # 101 minus a class of 11
+    for key in ("memory_v1", "memory_v2", "z"):
+        assert torch.equal(r0[key], r1[key]), key
+    assert (r0["z"] > 0).all()
+    for key in ("memory_v1", "memory_v2"):
+        assert torch.allclose(r0[key].norm(dim=1), torch.ones(101), atol=1e-5), key

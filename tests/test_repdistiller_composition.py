@@ -104,6 +104,7 @@ def _verified_options(name: str, pair: tuple[str, str]) -> dict | None:
     from .ref_logit_methods import LS_KD_PAIRS, M_DKD_BETA
     from .test_methods_cc_vid import GRID_OPTIONS as CC_VID
     from .test_methods_cc_vid import VGG_LAYERS
+    from .test_method_crd import GRID_OPTIONS as CRD
     from .test_methods_sp_pkt_rkd import _grid_options
 
     if name in ("sp", "pkt", "rkd"):
@@ -115,13 +116,16 @@ def _verified_options(name: str, pair: tuple[str, str]) -> dict | None:
         return options
     if name == "dkd":
         return {"beta": M_DKD_BETA[pair]} if pair in M_DKD_BETA else None
+    if name == "crd":
+        return CRD["crd"]
     if name == "kd_ls":
         T, weight = LS_KD_PAIRS[pair]
         return {"ce_weight": 0.1, "T": T, "weight": weight}
     return {}  # dist: the defaults are the authors' configuration
 
 
-@pytest.mark.parametrize("name", ["sp", "pkt", "rkd", "cc", "vid", "dkd", "dist", "kd_ls"])
+@pytest.mark.parametrize("name", ["sp", "pkt", "rkd", "cc", "vid", "dkd", "dist", "kd_ls",
+                                  "crd"])
 def test_the_grid_runs_the_configurations_the_reference_tests_verified(name):
     """Each method's composition test (tests/test_methods_*.py) checks kt-bench's loss against
     its reference code for given options; the grid's cells must carry exactly those."""
@@ -137,3 +141,15 @@ def test_the_grid_runs_the_configurations_the_reference_tests_verified(name):
             assert cell.method_config == method_config("dkd")
             continue
         assert cell.method_config == method_config(name, {name: options}), pair
+
+
+def test_the_grids_crd_plus_kd_is_the_one_verified():
+    """tests/test_method_crd.py checks crd+kd with CE 1, KD 1 (RepDistiller's -a 1 -b 0.8)."""
+    from kt_bench.method import method_config
+
+    from .test_method_crd import GRID_OPTIONS as CRD
+
+    verified = method_config("crd+kd", {**CRD, "kd": {**CRD["kd"], "ce_weight": 1.0}})
+    for pair in {(t, s) for t, s, _ in CELLS}:
+        assert CELLS[(*pair, "crd+kd")].method_config == verified
+    assert CELLS[("resnet56", "resnet20", "kd")].method_config["kd"]["ce_weight"] == 0.1
