@@ -125,3 +125,15 @@ def test_loss_composition(method):
             torch.testing.assert_close(loss.detach(), ce)
         else:
             assert loss.item() > ce.item()  # beta * a positive feature loss on top of CE
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn_16_2", "vgg8"])
+def test_stage0_is_repdistillers_f0(name):
+    """The stem output, R's feat[0] (FSP pairs it with stage1)."""
+
+    model = build_model(name, 100).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats, _ = repdistiller_feats(model, x)
+    rec = TapRecorder(model, model.tap_map, ("stage0",))
+    taps = rec.collect(model(x))
+    torch.testing.assert_close(taps["stage0"], feats[0])

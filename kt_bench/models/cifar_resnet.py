@@ -67,6 +67,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         last = blocks - 1
         self.tap_map = {
+            "stage0": "layer1:input",
             "stage1": "layer1",
             "stage2": "layer2",
             "stage3": "layer3",

@@ -77,7 +77,7 @@ class BottleneckResNet(nn.Module):
         last = {k: n - 1 for k, n in enumerate(num_blocks, 1)}
         self.bn_before_relu = {f"stage{k}": f"layer{k}.{i}.bn3" for k, i in last.items()}
         pre = {f"stage{k}_pre": f"layer{k}.{i}.relu_out:input" for k, i in last.items()}
-        self.tap_map = {**{f"stage{k}": f"layer{k}" for k in last}, **pre,
+        self.tap_map = {"stage0": "layer1:input", **{f"stage{k}": f"layer{k}" for k in last}, **pre,
                         "feat": "layer4", "feat_pre": pre["stage4_pre"], "pool": "linear:input"}
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:

@@ -92,7 +92,8 @@ class MobileNetV2(nn.Module):
             for k, g in enumerate(STAGE_GROUPS, 1)
         }
         stages = {f"stage{k}": f"blocks.{g}" for k, g in enumerate(STAGE_GROUPS, 1)}
-        self.tap_map = {**stages, **{f"{name}_pre": mod for name, mod in stages.items()},
+        self.tap_map = {"stage0": "blocks.0:input", **stages,
+                        **{f"{name}_pre": mod for name, mod in stages.items()},
                         "feat": "conv2", "feat_pre": "conv2.1", "pool": "classifier:input"}
 
     def _init_weights(self) -> None:

@@ -90,7 +90,8 @@ class ShuffleNetV1(nn.Module):
         self.bn_before_relu: dict[str, str] = {}
         pre = {f"stage{k}_pre": f"layer{k}.{n - 1}.relu_out:input"
                for k, n in enumerate(num_blocks, 1)}
-        self.tap_map = {"stage1": "layer1", "stage2": "layer2", "stage3": "layer3", **pre,
+        self.tap_map = {"stage0": "layer1:input", "stage1": "layer1", "stage2": "layer2",
+                        "stage3": "layer3", **pre,
                         "feat": "layer3", "feat_pre": pre["stage3_pre"],
                         "pool": "linear:input"}
 

@@ -121,7 +121,8 @@ class ShuffleNetV2(nn.Module):
         self.bn_before_relu: dict[str, str] = {}
         # each stage: the down-sampling block, then num_blocks basic blocks
         pre = {f"stage{k}_pre": f"layer{k}.{n}.preact" for k, n in enumerate(num_blocks, 1)}
-        self.tap_map = {"stage1": "layer1", "stage2": "layer2", "stage3": "layer3", **pre,
+        self.tap_map = {"stage0": "layer1:input", "stage1": "layer1", "stage2": "layer2",
+                        "stage3": "layer3", **pre,
                         "feat": "relu", "feat_pre": "bn2", "pool": "linear:input"}
 
     def _make_layer(self, out_channels: int, num_blocks: int) -> nn.Sequential:

@@ -46,8 +46,8 @@ class VGG(nn.Module):
         # each block is (conv, BN, ReLU) triples: its last BN sits just before its last ReLU
         self.bn_before_relu = {f"stage{k}": f"block{k}.{len(config[k]) * 3 - 2}"
                                for k in (1, 2, 3, 4)}
-        self.tap_map = {"stage1": "block1", "stage2": "block2", "stage3": "block3",
-                        "stage4": "block4", "feat": "block4",
+        self.tap_map = {"stage0": "block0", "stage1": "block1", "stage2": "block2",
+                        "stage3": "block3", "stage4": "block4", "feat": "block4",
                         "feat_pre": f"block4.{len(config[4]) * 3 - 1}:input", "pool": "pool",
                         **{f"{stage}_pre": bn for stage, bn in self.bn_before_relu.items()}}
 

@@ -66,8 +66,8 @@ class WideResNet(nn.Module):
         # through the BN that opens the next stage (or the final BN): that BN's output.
         self.bn_before_relu = {"stage1": "block2.0.bn1", "stage2": "block3.0.bn1",
                                "stage3": "bn"}
-        self.tap_map = {"stage1": "block1", "stage2": "block2", "stage3": "block3",
-                        "feat_pre": "bn", "feat": "relu", "pool": "pool",
+        self.tap_map = {"stage0": "block1:input", "stage1": "block1", "stage2": "block2",
+                        "stage3": "block3", "feat_pre": "bn", "feat": "relu", "pool": "pool",
                         **{f"{stage}_pre": bn for stage, bn in self.bn_before_relu.items()}}
 
     def forward(self, x):
