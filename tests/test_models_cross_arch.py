@@ -199,23 +199,27 @@ TAP_SHAPES = {
         "stage1": (2, 12, 16, 16), "stage2": (2, 16, 8, 8), "stage3": (2, 48, 4, 4),
         "stage4": (2, 160, 2, 2), "stage1_pre": (2, 12, 16, 16), "stage2_pre": (2, 16, 8, 8),
         "stage3_pre": (2, 48, 4, 4), "stage4_pre": (2, 160, 2, 2), "feat": (2, 1280, 2, 2),
-        "feat_pre": (2, 1280, 2, 2), "pool": (2, 1280), "logits": (2, 100)},
+        "feat_pre": (2, 1280, 2, 2), "pool": (2, 1280), "logits": (2, 100),
+        "stage0": (2, 16, 16, 16)},
     "shufflev1": {
         "stage1": (2, 240, 16, 16), "stage2": (2, 480, 8, 8), "stage3": (2, 960, 4, 4),
         "stage1_pre": (2, 240, 16, 16), "stage2_pre": (2, 480, 8, 8),
         "stage3_pre": (2, 960, 4, 4), "feat": (2, 960, 4, 4), "feat_pre": (2, 960, 4, 4),
-        "pool": (2, 960), "logits": (2, 100)},
+        "pool": (2, 960), "logits": (2, 100),
+        "stage0": (2, 24, 32, 32)},
     "shufflev2": {
         "stage1": (2, 116, 16, 16), "stage2": (2, 232, 8, 8), "stage3": (2, 464, 4, 4),
         "stage1_pre": (2, 116, 16, 16), "stage2_pre": (2, 232, 8, 8),
         "stage3_pre": (2, 464, 4, 4), "feat": (2, 1024, 4, 4), "feat_pre": (2, 1024, 4, 4),
-        "pool": (2, 1024), "logits": (2, 100)},
+        "pool": (2, 1024), "logits": (2, 100),
+        "stage0": (2, 24, 32, 32)},
     "resnet50": {
         "stage1": (2, 256, 32, 32), "stage2": (2, 512, 16, 16), "stage3": (2, 1024, 8, 8),
         "stage4": (2, 2048, 4, 4), "stage1_pre": (2, 256, 32, 32),
         "stage2_pre": (2, 512, 16, 16), "stage3_pre": (2, 1024, 8, 8),
         "stage4_pre": (2, 2048, 4, 4), "feat": (2, 2048, 4, 4), "feat_pre": (2, 2048, 4, 4),
-        "pool": (2, 2048), "logits": (2, 100)},
+        "pool": (2, 2048), "logits": (2, 100),
+        "stage0": (2, 64, 32, 32)},
 }
 
 #: M's get_bn_before_relu, by stage (ShuffleNets: none, R and M raise NotImplementedError).
