@@ -390,7 +390,8 @@ def test_taps_equal_r_feature_lists(name):
         taps = _taps(model, x)
     n = len(feats) - 2
     assert n == (4 if name in ("mobilenetv2", "resnet50") else 3)
-    expected = {"pool": feats[-1], "logits": logits, "feat": top, "feat_pre": top_pre}
+    expected = {"pool": feats[-1], "logits": logits, "feat": top, "feat_pre": top_pre,
+                "stage0": feats[0]}
     for k in range(1, n + 1):
         expected[f"stage{k}"], expected[f"stage{k}_pre"] = feats[k], pre_feats[k]
     assert set(expected) == set(taps)
