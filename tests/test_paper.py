@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from kt_bench.cells import expand
 from kt_bench.cli import main
+from kt_bench.config import load_grid
 from kt_bench.data import LoaderData, TensorData, load_dataset
 from kt_bench.errors import KtBenchError
 from kt_bench.report import load_reference, summarise
@@ -168,3 +170,21 @@ def test_reference_rows_and_the_published_column():
     assert table.loc[0, "published_teacher_top1"] == 79.42
     empty = measured.assign(teacher="preact_resnet1001", student="inception_bn_cifar")
     assert math.isnan(summarise(empty, reference=ref).loc[0, "published_top1"])  # shown n/a
+
+
+def test_imagenet_r34_r18_has_mdistillers_recipes_per_method():
+    cells = expand(load_grid("imagenet-r34-r18"))
+    by_method = {}
+    for c in cells:
+        by_method.setdefault(c.method, []).append(c)
+    assert sorted(by_method) == ["at", "crd", "dkd", "kd", "student"]
+    assert len(by_method["student"]) == 2  # a baseline under each recipe
+    for m in ("kd", "at", "dkd"):
+        (c,) = by_method[m]
+        assert (c.recipe.batch_size, c.recipe.lr, c.recipe.epochs) == (512, 0.2, 100)
+    (crd,) = by_method["crd"]
+    assert (crd.recipe.batch_size, crd.recipe.lr) == (256, 0.1)
+    assert by_method["kd"][0].method_config["kd"] == {"weight": 0.5, "ce_weight": 0.5, "T": 1.0,
+                                                      "standardize": False}
+    assert by_method["dkd"][0].method_config["dkd"]["beta"] == 0.5
+    assert all(c.teacher_is_pretrained for c in cells)
