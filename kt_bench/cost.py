@@ -59,12 +59,15 @@ def model_macs(spec: Spec, dataset: Spec) -> int:
 
 def cell_flops(cell: Cell) -> float:
     """Training FLOPs of one cell: student forward + backward (3x forward) and, where the
-    method needs one, the teacher's forward, for every training image of every epoch."""
+    method needs one, the teacher's forward, for every training image of every epoch (an
+    initialisation stage's included)."""
     info = dataset_info(cell.dataset)
     per_image = 3 * model_macs(cell.student, cell.dataset)
-    if build_method(cell.method, cell.method_config).needs_teacher:
+    method = build_method(cell.method, cell.method_config)
+    if method.needs_teacher:
         per_image += model_macs(cell.teacher, cell.dataset)
-    return 2.0 * per_image * info.n_train * cell.recipe.epochs
+    # an initialisation stage (AB, FT, FSP) adds its epochs
+    return 2.0 * per_image * info.n_train * (cell.recipe.epochs + method.init_epochs)
 
 
 def teacher_flops(cell: Cell) -> float:

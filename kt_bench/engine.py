@@ -9,6 +9,7 @@ the CPU gives the same numbers, and a cell resumed from its checkpoint continues
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -304,6 +305,12 @@ def teacher_taps(teacher: nn.Module, recorder: TapRecorder, x: torch.Tensor,
     return {k: v.clone() for k, v in taps.items()}
 
 
+def batch_statistics_teacher(teacher: nn.Module) -> nn.Module:
+    """A private copy of the frozen ``teacher`` whose BatchNorm layers normalise with each
+    batch's statistics (train mode), for methods with ``teacher_batch_statistics``."""
+    return copy.deepcopy(teacher).train().requires_grad_(False)
+
+
 def _step(member: _Member, accelerator: Accelerator, x: torch.Tensor, batch: Batch,
           t_taps: dict | None, weights: dict[str, float], ce_weight: float,
           sums: dict[str, torch.Tensor], log_step: int | None,
@@ -402,7 +409,7 @@ def train_cohort(
         if m.needs_teacher and teacher is None:
             raise KtBenchError(f"method '{m.name}' needs a teacher")
     needs_teacher = any(m.needs_teacher for m in methods)
-    teacher_rec = None
+    teacher_rec = bs_rec = bs_teacher = None
     if needs_teacher:
         teacher = teacher.to(accelerator.device, memory_format=torch.channels_last)
         teacher = teacher.eval().requires_grad_(False)
@@ -419,6 +426,12 @@ def train_cohort(
         # the taps of the students that started (a bad tap stopped its own student above)
         taps = tuple(dict.fromkeys(t for m in members if m.error is None for t in m.method.taps))
         teacher_rec = TapRecorder(teacher, teacher.tap_map, taps)
+        batch_stat_taps = tuple(dict.fromkeys(
+            t for m in members if m.error is None and m.method.teacher_batch_statistics
+            for t in m.method.taps))
+        if batch_stat_taps:
+            bs_teacher = batch_statistics_teacher(teacher)
+            bs_rec = TapRecorder(bs_teacher, bs_teacher.tap_map, batch_stat_taps)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     steps = math.ceil(data.n_train / recipe.batch_size)
@@ -452,9 +465,12 @@ def train_cohort(
             for x, y, idx in data.train_batches(epoch, seed, recipe.batch_size, device, rank,
                                                 world, indices=True):
                 x = channels_last(x)
-                t_taps = None
+                t_taps = bs_taps = None
                 if use_teacher:
                     t_taps = teacher_taps(teacher, teacher_rec, x, accelerator)
+                if bs_rec is not None and any(m.method.teacher_batch_statistics
+                                              for m, *_ in plan):
+                    bs_taps = teacher_taps(bs_teacher, bs_rec, x, accelerator)
                 n_steps += 1
                 step_seed = derived_seed(seed, 5, epoch, n_steps)
                 for m, stage, weights, ce_weight, optimizer, sums in plan:
@@ -462,8 +478,9 @@ def train_cohort(
                         continue
                     batch = dataclasses.replace(stage, labels=y, indices=idx, seed=step_seed)
                     try:
+                        mine = bs_taps if m.method.teacher_batch_statistics else t_taps
                         _step(m, accelerator, x, batch,
-                              t_taps if m.method.needs_teacher else None, weights, ce_weight,
+                              mine if m.method.needs_teacher else None, weights, ce_weight,
                               sums, epoch * steps + n_steps if logging else None, optimizer)
                     except Exception as exc:  # noqa: BLE001
                         m.error = exc
@@ -482,8 +499,9 @@ def train_cohort(
                 bar.set_postfix(loss=f"{shown[0]['loss']:.3f}", top1=f"{shown[0]['top1']:.1f}")
     finally:
         bar.close()
-        if teacher_rec is not None:
-            teacher_rec.remove()
+        for recorder in (teacher_rec, bs_rec):
+            if recorder is not None:
+                recorder.remove()
     wall = time.perf_counter() - started
     return [TrainResult(accelerator.unwrap_model(m.trainee).student if m.trainee else None,
                         m.history, wall, m.train_s, m.images, m.epoch_s, m.error,

@@ -80,6 +80,10 @@ class Method(nn.Module):
     #: Whether the student's BatchNorm layers train during the initialisation stage (False:
     #: the student runs in eval mode there, as RepDistiller's FT initialisation does).
     init_trains_student: bool = True
+    #: Whether the method sees the teacher's taps with its BatchNorm on the batch's statistics
+    #: (the teacher in train mode, as mdistiller's OFD runs it) rather than on its running
+    #: ones; the engine runs a private copy for such methods, the shared teacher is untouched.
+    teacher_batch_statistics: bool = False
     #: The cross-entropy weight the method trains with unless ``ce_weight`` is given; None:
     #: the recipe's.
     default_ce_weight: ClassVar[float | None] = None
@@ -175,6 +179,7 @@ class CombinedMethod(Method):
             names = "+".join(m.name for m in members)
             raise ConfigError(f"method '{names}': at most one member may have an "
                               "initialisation stage")
+        self.teacher_batch_statistics = any(m.teacher_batch_statistics for m in members)
         if initialising:
             init = initialising[0]
             self.init_epochs, self.init_lr = init.init_epochs, init.init_lr

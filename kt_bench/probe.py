@@ -144,7 +144,7 @@ def _probe_one(cell: Cell, networks: _Networks) -> str | None:
     """Build ``cell``'s method and networks and set the method up on a probe batch as
     :func:`kt_bench.engine.setup_method` does; the failure as one line naming the method and
     the pair, or None."""
-    from kt_bench.method import build_method
+    from kt_bench.method import NotApplicable, build_method
 
     try:
         networks.tap_shapes(cell.student, cell.dataset, ())  # the student's forward works
@@ -159,6 +159,8 @@ def _probe_one(cell: Cell, networks: _Networks) -> str | None:
                          networks.tap_shapes(cell.teacher, cell.dataset, method.taps))
     except _BuildFailed as exc:
         return str(exc)
+    except NotApplicable:  # a finished n/a row when it runs, as the published tables say
+        return None
     except Exception as exc:  # noqa: BLE001 - a plugin's constructor or setup may raise anything
         return (f"method {cell.method} ({cell.dataset.label}: {cell.teacher.label} -> "
                 f"{cell.student.label}): {first_line(exc)}")

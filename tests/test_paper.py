@@ -103,8 +103,8 @@ def test_paper_mini_runs_end_to_end_on_the_real_formats(data_root, tmp_path, cap
 def test_crd_dry_run_lists_seven_pairs_times_every_method(capsys):
     assert main(["run", "--grid", "crd-cifar100", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    methods = ("student", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst_poly",
-               "crd", "crd\\+kd", "dkd", "dist", "kd_ls")
+    methods = ("student", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft",
+               "fsp", "nst_poly", "crd", "crd\\+kd", "dkd", "reviewkd", "ofd", "dist", "kd_ls")
     assert f"{7 * len(methods)} cells" in out and re.search(r"estimate: [0-9.]+ GPU-hours", out)
     for m in methods:
         assert len(re.findall(rf"cifar100\s+\S+\s+\S+\s+{m}\s", out)) == 7, m
@@ -188,3 +188,19 @@ def test_imagenet_r34_r18_has_mdistillers_recipes_per_method():
                                                       "standardize": False}
     assert by_method["dkd"][0].method_config["dkd"]["beta"] == 0.5
     assert all(c.teacher_is_pretrained for c in cells)
+
+
+def test_crd_hetero_lists_six_pairs_times_every_method_with_the_students_rates(capsys):
+    assert main(["run", "--grid", "crd-cifar100-hetero", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "120 cells" in out and re.search(r"estimate: [0-9.]+ GPU-hours", out)
+    cells = expand(load_grid("crd-cifar100-hetero"))
+    pairs = {(c.teacher.name, c.student.name) for c in cells}
+    assert pairs == {("vgg13", "mobilenetv2"), ("resnet50", "mobilenetv2"), ("resnet50", "vgg8"),
+                     ("resnet32x4", "shufflev1"), ("resnet32x4", "shufflev2"),
+                     ("wrn_40_2", "shufflev1")}
+    for c in cells:  # RepDistiller: lr 0.01 for MobileNet and ShuffleNet students
+        assert c.recipe.lr == (0.05 if c.student.name == "vgg8" else 0.01)
+        assert c.recipe.epochs == 240 and c.recipe.milestones == (150, 180, 210)
+    four = [c for c in cells if c.teacher.name in ("vgg13", "resnet50") and c.method == "at"]
+    assert all(len(c.method_config["at"]["layers"]) == 4 for c in four)

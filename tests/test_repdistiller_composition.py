@@ -102,13 +102,19 @@ def _verified_options(name: str, pair: tuple[str, str]) -> dict | None:
     """The options each method's composition test checked against its reference code, for
     ``pair`` (None where the reference has no configuration for it)."""
     from .ref_logit_methods import LS_KD_PAIRS, M_DKD_BETA
+    from .test_method_crd import GRID_OPTIONS as CRD
+    from .test_methods_ab_ft_fsp import grid_options as init_grid_options
     from .test_methods_cc_vid import GRID_OPTIONS as CC_VID
     from .test_methods_cc_vid import VGG_LAYERS
-    from .test_method_crd import GRID_OPTIONS as CRD
+    from .test_methods_reviewkd_ofd import grid_options as m_feature_grid_options
     from .test_methods_sp_pkt_rkd import _grid_options
 
     if name in ("sp", "pkt", "rkd"):
         return _grid_options(pair, name)
+    if name in ("ab", "ft", "fsp"):
+        return init_grid_options(name, pair)
+    if name in ("reviewkd", "ofd"):
+        return m_feature_grid_options(name, pair)
     if name in ("cc", "vid"):
         options = dict(CC_VID[name])
         if name == "vid" and pair[0].startswith("vgg"):
@@ -125,7 +131,7 @@ def _verified_options(name: str, pair: tuple[str, str]) -> dict | None:
 
 
 @pytest.mark.parametrize("name", ["sp", "pkt", "rkd", "cc", "vid", "dkd", "dist", "kd_ls",
-                                  "crd"])
+                                  "crd", "ab", "ft", "fsp", "reviewkd", "ofd"])
 def test_the_grid_runs_the_configurations_the_reference_tests_verified(name):
     """Each method's composition test (tests/test_methods_*.py) checks kt-bench's loss against
     its reference code for given options; the grid's cells must carry exactly those."""

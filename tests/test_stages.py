@@ -174,3 +174,24 @@ def test_a_method_that_does_not_apply_gives_an_n_a_row(tmp_path, capsys):
     assert main(args) == 0  # an n/a cell is finished: not run again
     assert "2 cells" in capsys.readouterr().out
     assert issubclass(NotApplicable, Exception)
+
+
+def test_a_method_on_the_teachers_batch_statistics_leaves_the_shared_teacher_alone(data,
+                                                                                   teacher):
+    acc = make_accelerator("cpu")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    methods = ["kd", "ofd"]
+    cohort = train_cohort(data, STUDENT, [build_method(m) for m in methods], RECIPE, 4, acc,
+                          teacher)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    for m, got in zip(methods, cohort, strict=True):
+        solo = train(data, STUDENT, build_method(m), RECIPE, 4, acc, teacher)
+        assert got.error is None and got.history == solo.history, m
+    # OFD saw the batch-statistics teacher: not what an eval-mode teacher gives
+    eval_ofd = build_method("ofd")
+    type(eval_ofd).teacher_batch_statistics = False
+    try:
+        other = train(data, STUDENT, eval_ofd, RECIPE, 4, acc, teacher)
+    finally:
+        type(eval_ofd).teacher_batch_statistics = True
+    assert other.history != cohort[1].history
