@@ -100,9 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from kt_bench.cells import expand, select
     from kt_bench.config import load_grid
-    from kt_bench.engine import make_accelerator, resolve_precision
+    from kt_bench.engine import check_device_and_precision, make_accelerator, resolve_precision
     from kt_bench.plugins import load_plugins
-    from kt_bench.probe import check_device_and_precision, check_writable
+    from kt_bench.probe import check_writable
     from kt_bench.rows import write_results_csv
     from kt_bench.runner import run_cells
     from kt_bench.status import write_manifest

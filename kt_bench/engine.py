@@ -51,11 +51,9 @@ class DivergedError(KtBenchError):
     """The training loss became NaN or infinite."""
 
 
-def make_accelerator(device: str = "auto", precision: str = "no", log_with: str | None = None,
-                     project_dir: str | None = None) -> Accelerator:
-    """An Accelerator for ``device`` (auto|cpu|cuda) and ``precision`` (no|bf16|fp16);
-    ``log_with`` names an Accelerate tracker (e.g. ``tensorboard``) writing under
-    ``project_dir``."""
+def check_device_and_precision(device: str, precision: str) -> None:
+    """Raise a one-line error for what the accelerator would refuse: an unknown device or
+    precision (``precision`` already resolved from ``auto``), or CUDA where there is none."""
     if device not in DEVICES:
         raise KtBenchError(f"unknown device '{device}'; accepted: {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
@@ -63,6 +61,14 @@ def make_accelerator(device: str = "auto", precision: str = "no", log_with: str 
                            f"{', '.join(PRECISIONS)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise KtBenchError("--device cuda was asked for, but no CUDA device is available")
+
+
+def make_accelerator(device: str = "auto", precision: str = "no", log_with: str | None = None,
+                     project_dir: str | None = None) -> Accelerator:
+    """An Accelerator for ``device`` (auto|cpu|cuda) and ``precision`` (no|bf16|fp16);
+    ``log_with`` names an Accelerate tracker (e.g. ``tensorboard``) writing under
+    ``project_dir``."""
+    check_device_and_precision(device, precision)
     # Accelerate keeps one process-wide state; a new device or precision needs it reset.
     AcceleratorState._reset_state(reset_partial_state=False)
     try:

@@ -19,20 +19,6 @@ from kt_bench.spec import Spec
 from kt_bench.taps import LOGITS
 
 
-def check_device_and_precision(device: str, precision: str) -> None:
-    """Raise a one-line error for what the accelerator would refuse: an unknown device or
-    precision (``precision`` already resolved from ``auto``), or CUDA where there is none."""
-    from kt_bench.engine import DEVICES, PRECISIONS
-
-    if device not in DEVICES:
-        raise KtBenchError(f"unknown device '{device}'; accepted: {', '.join(DEVICES)}")
-    if precision not in PRECISIONS:
-        raise KtBenchError(f"unknown precision '{precision}'; accepted: auto, "
-                           f"{', '.join(PRECISIONS)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KtBenchError("--device cuda was asked for, but no CUDA device is available")
-
-
 def check_writable(folder: Path, what: str) -> None:
     """Create ``folder`` (and its parents) and write and remove a file in it; a one-line
     error naming ``what`` (e.g. ``--out``) if that fails."""

@@ -45,6 +45,7 @@ from .ref_repdistiller_crd import (
     repdistiller_crd_loss,
 )
 from .repdistiller_ref import repdistiller_feats
+from .test_repdistiller_composition import _perturb_batchnorm
 
 #: The grid options that reproduce R's CRD (``-a 0 -b 0.8``) and CRD+KD (``-a 1 -b 0.8``).
 GRID_OPTIONS = {"crd": {"weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
@@ -366,15 +367,6 @@ def test_the_batch_must_carry_indices():
 
 
 # ---- against RepDistiller's composition ------------------------------------------------------
-
-def _perturb_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
 
 
 def _engine_loss(method, student, teacher, x, y, idx, seed, epochs=240):

@@ -27,6 +27,7 @@ from .ref_repdistiller_cc_vid import (
     repdistiller_cc_vid_loss,
 )
 from .repdistiller_ref import repdistiller_feats
+from .test_repdistiller_composition import _perturb_batchnorm
 
 VGG_LAYERS = ["stage1", "stage2", "stage3", "stage4"]
 
@@ -400,16 +401,6 @@ GRID_OPTIONS = {"cc": {"weight": 0.02, "feat_dim": 128},
                         "init_var": 5.0, "eps": 1e-5}}
 PAIRS = [("resnet56", "resnet20", 1e-5), ("vgg13", "vgg8", 1e-5), ("wrn_40_2", "wrn_16_2", 1e-4)]
 
-
-def _perturb_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial BN statistics and affine parameters, so eval-mode BN is not the identity."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
 
 
 def _kt_bench_loss(method, student, teacher, x, y, recipe: Recipe) -> torch.Tensor:
