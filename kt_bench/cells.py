@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kt_bench.config import Grid, Recipe, merge_options
@@ -125,15 +126,19 @@ def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = N
 
 
 def published_teacher(folder: str, teacher: str) -> str:
-    """The published checkpoint of ``teacher`` in the unpacked teachers ``folder``; a one-line
-    error where it is missing."""
+    """Where the unpacked published teachers ``folder`` keeps ``teacher``'s weights."""
     from kt_bench.reference_checkpoints import reference_teacher_path
 
-    path = reference_teacher_path(folder, teacher)
-    if not path.is_file():
-        raise KtBenchError(f"--teachers-dir {folder}: no published teacher for '{teacher}' at "
-                           f"{path}")
-    return str(path)
+    return str(reference_teacher_path(folder, teacher))
+
+
+def check_published_teachers(cells: list[Cell], folder: str) -> None:
+    """A one-line error for the first of ``cells`` whose published teacher is missing from
+    ``folder`` (only the teachers of the cells that will run need to be there)."""
+    for cell in cells:
+        if cell.teacher_checkpoint and not Path(cell.teacher_checkpoint).is_file():
+            raise KtBenchError(f"--teachers-dir {folder}: no published teacher for "
+                               f"'{cell.teacher.name}' at {cell.teacher_checkpoint}")
 
 
 def _first_of_each(cells: list[Cell]) -> list[Cell]:

@@ -98,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     table."""
     from tqdm.auto import tqdm
 
-    from kt_bench.cells import expand, select
+    from kt_bench.cells import check_published_teachers, expand, select
     from kt_bench.config import load_grid
     from kt_bench.engine import check_device_and_precision, make_accelerator, resolve_precision
     from kt_bench.plugins import load_plugins
@@ -115,6 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KtBenchError("give --teacher-checkpoint or --teachers-dir, not both")
     cells = select(expand(grid, precision, args.teacher_checkpoint, args.teachers_dir),
                    args.only)
+    if args.teachers_dir:
+        check_published_teachers(cells, args.teachers_dir)
     out = Path(args.out) if args.out else Path("results") / grid.name
     out_flag = "--out folder" if args.out else "output folder"
     if args.dry_run:
