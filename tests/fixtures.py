@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def _pickle(path: Path, obj: dict) -> None:
@@ -64,3 +65,15 @@ def write_image_folder(root: Path, classes: int, train_per_class: int, val_per_c
             for i in range(n):
                 pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"img_{i}.JPEG", quality=90)
+
+
+def central_differences(fn, x: torch.Tensor, step: float, every: int = 1) -> dict[int, float]:
+    """{flat index: (fn(x + step·e_i) − fn(x − step·e_i)) / (2·step)} for every ``every``-th i."""
+    flat = x.detach().clone().flatten()
+    out = {}
+    for i in range(0, flat.numel(), every):
+        plus, minus = flat.clone(), flat.clone()
+        plus[i] += step
+        minus[i] -= step
+        out[i] = (fn(plus.view_as(x)) - fn(minus.view_as(x))).item() / (2 * step)
+    return out

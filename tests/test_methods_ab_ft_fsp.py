@@ -43,6 +43,7 @@ from kt_bench.spec import Spec
 from kt_bench.taps import TapRecorder
 
 from .conftest import write_tiny_grid
+from .fixtures import central_differences as _central_differences
 from .ref_repdistiller_init import (
     R_INIT_EPOCHS,
     RConnector,
@@ -90,18 +91,6 @@ def grid_options(name: str, pair: tuple[str, str]) -> dict:
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _central_differences(fn, x: torch.Tensor, step: float, every: int = 1) -> dict[int, float]:
-    """{flat index: (fn(x + step·e_i) − fn(x − step·e_i)) / (2·step)} for every ``every``-th i."""
-    flat = x.detach().clone().flatten()
-    out = {}
-    for i in range(0, flat.numel(), every):
-        plus, minus = flat.clone(), flat.clone()
-        plus[i] += step
-        minus[i] -= step
-        out[i] = (fn(plus.view_as(x)) - fn(minus.view_as(x))).item() / (2 * step)
-    return out
 
 
 def _check_gradient(fn, x: torch.Tensor, step: float = 1e-6, rel: float = 1e-6,

@@ -19,6 +19,7 @@ from kt_bench.method import Batch, build_method, method_config
 from kt_bench.models import build_model
 from kt_bench.taps import TapRecorder
 
+from .fixtures import central_differences as _central_differences
 from .ref_repdistiller_cc_vid import (
     R_FLAGS_CC_VID,
     RVIDLoss,
@@ -34,18 +35,6 @@ VGG_LAYERS = ["stage1", "stage2", "stage3", "stage4"]
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _central_differences(fn, x: torch.Tensor, step: float, every: int = 1) -> dict[int, float]:
-    """{flat index: (fn(x + step·e_i) − fn(x − step·e_i)) / (2·step)} for every ``every``-th i."""
-    flat = x.detach().clone().flatten()
-    out = {}
-    for i in range(0, flat.numel(), every):
-        plus, minus = flat.clone(), flat.clone()
-        plus[i] += step
-        minus[i] -= step
-        out[i] = (fn(plus.view_as(x)) - fn(minus.view_as(x))).item() / (2 * step)
-    return out
 
 
 # ---- cc_loss ---------------------------------------------------------------------------------
