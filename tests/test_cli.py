@@ -17,6 +17,9 @@ from kt_bench.rows import RESULT_COLUMNS
 from .conftest import write_tiny_grid
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+BUILTIN_METHODS = ["ab", "at", "cc", "crd", "dist", "dkd", "fitnet", "fsp", "ft", "kd", "kd_ls",
+                   "nst_gauss", "nst_linear", "nst_poly", "ofd", "pkt", "reviewkd", "rkd", "sp",
+                   "student", "vid"]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -65,10 +68,10 @@ def test_dry_run_lists_the_demo_cells(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["run", "--grid", "nope"], "kt-bench: error: unknown grid 'nope'; known: crd-cifar100, demo"),
+    (["run", "--grid", "nope"],
+     "kt-bench: error: unknown grid 'nope'; known: crd-cifar100, crd-cifar100-hetero, demo"),
     (["run", "--grid", "demo", "--methods", "kd,nope"],
-     "kt-bench: error: unknown method 'nope'; known: at, cc, dist, dkd, fitnet, kd, kd_ls, "
-     "nst_gauss, nst_linear, nst_poly, pkt, rkd, sp, student, vid"),
+     "kt-bench: error: unknown method 'nope'; known: " + ", ".join(BUILTIN_METHODS)),
     (["run", "--grid", "demo", "--seeds", "one"],
      "kt-bench: error: --seeds takes integers separated by commas, got 'one'"),
     (["run", "--grid", "demo", "--device", "tpu"],

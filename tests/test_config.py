@@ -37,7 +37,7 @@ def _edit(path, old, new):
      "recipe.schedule = 'linear' is invalid; accepted: one of cosine, multistep, constant"),
     ("seeds = [0]", "seed = [0]", "unknown key 'seed'; accepted: name, description, datasets"),
     ('methods = ["student", "kd"]', 'methods = ["student", "kdd"]',
-     "unknown method 'kdd' (did you mean 'kd'?); known: at, cc, dist, dkd, fitnet, kd,"),
+     "unknown method 'kdd' (did you mean 'kd'?); known: ab, at, cc, crd, dist, dkd, fitnet,"),
     ('name = "synthetic"', 'name = "mnist"',
      "unknown dataset 'mnist'; known: cifar10, cifar100, digits, imagenet, synthetic"),
     ("width = 0.25", "depth = 2", "unknown option 'depth' for model 'resnet8'; accepted: width"),
@@ -55,7 +55,9 @@ def test_malformed_grid_is_a_one_line_error_naming_file_and_key(tmp_path, old, n
 
 def test_unknown_grid_lists_the_builtin_ones():
     with pytest.raises(ConfigError, match=r"unknown grid 'demoo' \(did you mean 'demo'\?\); "
-                                          r"known: crd-cifar100, demo, paper, paper-cifar, "
+                                          r"known: crd-cifar100, crd-cifar100-hetero, demo, "
+                                          r"imagenet-r34-r18, imagenet-r34-r18-b256, "
+                                          r"imagenet-r34-r18-b512, paper, paper-cifar, "
                                           r"paper-imagenet, paper-mini; or a path to a \.toml"):
         load_grid("demoo")
 

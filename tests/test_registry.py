@@ -14,8 +14,9 @@ from kt_bench.method import METHODS, CombinedMethod, build_method
 from kt_bench.plugins import load_entry_points, load_plugin_dir, load_plugins
 from kt_bench.registry import Registry
 
-BUILTIN = ["at", "cc", "dist", "dkd", "fitnet", "kd", "kd_ls", "nst_gauss", "nst_linear",
-           "nst_poly", "pkt", "rkd", "sp", "student", "vid"]
+BUILTIN = ["ab", "at", "cc", "crd", "dist", "dkd", "fitnet", "fsp", "ft", "kd", "kd_ls",
+           "nst_gauss", "nst_linear", "nst_poly", "ofd", "pkt", "reviewkd", "rkd", "sp", "student",
+           "vid"]
 
 PLUGIN = '''
 import torch
