@@ -100,14 +100,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from kt_bench.cells import check_published_teachers, expand, select
     from kt_bench.config import load_grid
-    from kt_bench.engine import check_device_and_precision, make_accelerator, resolve_precision
+    from kt_bench.engine import check_device_and_precision, make_accelerator
     from kt_bench.plugins import load_plugins
+    from kt_bench.precision import resolve_precision
     from kt_bench.probe import check_writable
     from kt_bench.rows import write_results_csv
     from kt_bench.runner import run_cells
+    from kt_bench.startup import CLOCK
     from kt_bench.status import write_manifest
 
     load_plugins(args.plugins)
+    CLOCK.mark("imports")
     precision = resolve_precision(args.precision, args.device)
     check_device_and_precision(args.device, precision)
     grid = _apply_overrides(load_grid(args.grid), args)
@@ -129,7 +132,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     accelerator = make_accelerator(args.device, precision, log_with,
                                    str(out / "tracking") if log_with else None)
     main = accelerator.is_main_process
+    CLOCK.mark("plan")
     if main:
+        CLOCK.on_done = lambda clock: _report_startup(clock, out)
         write_manifest(out, cells)
         print(f"grid '{grid.name}': {len(cells)} cells on {accelerator.device} "
               f"(precision {precision}, {accelerator.num_processes} process"
@@ -152,6 +157,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     write_results_csv(out)  # also when every cell was done before: never a stale file
     return _print_results(pd.DataFrame(rows), out, args)
+
+
+def _report_startup(clock, out: Path) -> None:
+    """Print where the run's time went before its first step and keep it in
+    ``<out>/startup.json`` (seconds of each phase)."""
+    from tqdm.auto import tqdm
+
+    from kt_bench import atomic
+
+    tqdm.write(clock.summary())
+    atomic.write_json(out / "startup.json", {
+        "phases": [{"phase": p, "seconds": t} for p, t in clock.phases().items()],
+        "first_step_s": max(clock.marks.values())})
 
 
 def _dry_run(cells: list, out: Path, out_flag: str) -> int:
@@ -279,9 +297,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     check_writable(out, "run folder")
     check_writable(out / "report", "report folder")
     rows = write_results_csv(out)  # rebuilt from the cells' rows, never left stale
+    versus = _versus_arg(args.versus, rows) if args.versus else None
     print(comparison_table(rows))
     print(f"\nreport: {write_report(out, rows)}")
+    if versus:
+        from kt_bench import atomic
+        from kt_bench.report import versus_table
+
+        factor, reference = versus
+        text = versus_table(rows, factor, reference)
+        path = out / "report" / f"versus-{factor}.md"
+        atomic.write_text(path, text + "\n")
+        print(f"\nthe paired change of each method's top-1 with {factor} against "
+              f"{factor}={reference}:\n{text}\n\n{path}")
     return 0
+
+
+def _versus_arg(text: str, rows: pd.DataFrame) -> tuple[str, str]:
+    """``--versus FIELD=REFERENCE`` as (field, reference), checked against the rows."""
+    factor, sep, reference = text.partition("=")
+    settings = ("precision",)
+    if not sep or factor not in settings or not reference:
+        raise KtBenchError(f"--versus takes FIELD=REFERENCE with FIELD one of "
+                           f"{', '.join(settings)} (e.g. precision=no), got '{text}'")
+    present = sorted(map(str, rows[factor].dropna().unique()))
+    if reference not in present:
+        raise KtBenchError(f"--versus {text}: no row ran with {factor}={reference}; the rows "
+                           f"have {factor} {', '.join(present) or 'none'}")
+    return factor, reference
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -289,9 +332,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from kt_bench.bench import BenchConfig, format_result, run_bench
-    from kt_bench.engine import resolve_precision
+    from kt_bench.engine import check_device_and_precision
     from kt_bench.method import build_method
     from kt_bench.plugins import load_plugins
+    from kt_bench.precision import resolve_precision
 
     load_plugins(args.plugins)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -300,10 +344,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "steps", "repeats"):
         if getattr(args, flag) < 1:
             raise KtBenchError(f"--{flag.replace('_', '-')} must be >= 1")
+    precisions = []
+    for p in (p.strip() for p in args.precision.split(",") if p.strip()):
+        resolved = resolve_precision(p, args.device)
+        check_device_and_precision(args.device, resolved)
+        if resolved not in precisions:
+            precisions.append(resolved)
+    if not precisions:
+        raise KtBenchError("--precision needs at least one of auto, no, bf16, fp16")
     cfg = BenchConfig(args.teacher, args.student, methods, args.dataset, args.batch_size,
-                      args.steps, args.warmup, args.repeats, args.device,
-                      resolve_precision(args.precision, args.device), args.workers,
-                      not args.no_nst, args.compile)
+                      args.steps, args.warmup, args.repeats, args.device, tuple(precisions),
+                      args.workers, not args.no_nst, args.compile, not args.no_startup)
     result = run_bench(cfg)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0
@@ -400,10 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--workers", type=int, help="the plain loop's DataLoader workers "
                                                      "(default: min(8, CPUs))")
     p_bench.add_argument("--device", default="auto")
-    p_bench.add_argument("--precision", default="auto")
+    p_bench.add_argument("--precision", default="no,bf16",
+                         help="the precisions to measure, comma-separated, each against its "
+                              "own bare-model limit (default no,bf16: fp32 and bf16 autocast)")
     p_bench.add_argument("--compile", action="store_true",
                          help="torch.compile the engine's networks (solo and cohort)")
     p_bench.add_argument("--no-nst", action="store_true", help="skip the NST loss timing")
+    p_bench.add_argument("--no-startup", action="store_true",
+                         help="skip timing the start-up of a 1-epoch demo run")
     p_bench.add_argument("--json", action="store_true", help="print one JSON object")
     plugins_arg(p_bench)
     p_bench.set_defaults(func=cmd_bench)
@@ -414,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_rep = sub.add_parser("report", help="write tables and plots of a run folder")
     p_rep.add_argument("dir", help="a run's output folder")
+    p_rep.add_argument("--versus", metavar="FIELD=REFERENCE",
+                       help="also the paired top-1 change of every method between settings "
+                            "that differ only in FIELD, against FIELD=REFERENCE (e.g. "
+                            "precision=no: bf16 against fp32)")
     p_rep.set_defaults(func=cmd_report)
     return parser
 

@@ -32,19 +32,12 @@ from kt_bench.data.bundle import DataBundle, derived_seed
 from kt_bench.errors import KtBenchError, first_line
 from kt_bench.method import INIT, MAIN, Batch, Method
 from kt_bench.models import build_model
+from kt_bench.precision import PRECISIONS
 from kt_bench.spec import Spec
+from kt_bench.startup import CLOCK
 from kt_bench.taps import TapRecorder
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("no", "bf16", "fp16")
-
-
-def resolve_precision(precision: str, device: str = "auto") -> str:
-    """``auto``: bf16 autocast where CUDA (with bf16) is used, full precision on the CPU."""
-    if precision != "auto":
-        return precision
-    cuda = device != "cpu" and torch.cuda.is_available()
-    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
 
 
 class DivergedError(KtBenchError):
@@ -311,6 +304,13 @@ def teacher_taps(teacher: nn.Module, recorder: TapRecorder, x: torch.Tensor,
     return {k: v.clone() for k, v in taps.items()}
 
 
+def sync_device(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs asynchronously), so that a clock
+    read after it measures the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def batch_statistics_teacher(teacher: nn.Module) -> nn.Module:
     """A private copy of the frozen ``teacher`` whose BatchNorm layers normalise with each
     batch's statistics (train mode), for methods with ``teacher_batch_statistics``."""
@@ -438,6 +438,7 @@ def train_cohort(
         if batch_stat_taps:
             bs_teacher = batch_statistics_teacher(teacher)
             bs_rec = TapRecorder(bs_teacher, bs_teacher.tap_map, batch_stat_taps)
+    CLOCK.mark("students")
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     steps = math.ceil(data.n_train / recipe.batch_size)
@@ -491,6 +492,9 @@ def train_cohort(
                     except Exception as exc:  # noqa: BLE001
                         m.error = exc
                     m.images += x.shape[0] * world
+                if "first step" not in CLOCK.marks:
+                    sync_device(device)
+                    CLOCK.mark("first step")
                 bar.update(1)
             seconds = time.perf_counter() - t0
             for m, _, _, _, _, sums in plan:

@@ -87,6 +87,10 @@ class Method(nn.Module):
     #: The cross-entropy weight the method trains with unless ``ce_weight`` is given; None:
     #: the recipe's.
     default_ce_weight: ClassVar[float | None] = None
+    #: Whether the method's terms must be computed in float32 under bf16/fp16 autocast (the
+    #: taps are then cast to float32 and autocast is off inside :meth:`loss_terms`), for a
+    #: method whose accuracy the lower precision would cost.
+    float32_terms: bool = False
 
     def __init__(self, weight: float | None = None) -> None:
         super().__init__()
@@ -128,7 +132,16 @@ class Method(nn.Module):
         return {}
 
     def terms(self, student: Taps, teacher: Taps, batch: Batch | None) -> dict[str, torch.Tensor]:
-        """:meth:`loss_terms`, given the batch where the method asks for it."""
+        """:meth:`loss_terms`, given the batch where the method asks for it (in float32,
+        autocast off, where the method sets :attr:`float32_terms`)."""
+        device = _device_type(student) if self.float32_terms else None
+        if device is not None and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self._loss_terms(_float32(student), _float32(teacher), batch)
+        return self._loss_terms(student, teacher, batch)
+
+    def _loss_terms(self, student: Taps, teacher: Taps, batch: Batch | None
+                    ) -> dict[str, torch.Tensor]:
         if self._wants_batch:
             return self.loss_terms(student, teacher, batch)
         return self.loss_terms(student, teacher)
@@ -155,6 +168,17 @@ class Method(nn.Module):
     def describe(self) -> dict[str, Any]:
         """The method's complete options, as cells store them (``ce_weight`` included)."""
         return dict(self.options)
+
+
+def _device_type(taps: Taps) -> str | None:
+    """The device type (``cpu``, ``cuda``) of the first tensor in ``taps``."""
+    return next((v.device.type for v in taps.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _float32(taps: Taps) -> Taps:
+    """``taps`` with every floating-point tensor in float32 (the casts keep gradients)."""
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in taps.items()}
 
 
 class CrossEntropyOnly(Method):

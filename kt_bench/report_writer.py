@@ -19,6 +19,18 @@ from kt_bench.report import (
 from kt_bench.rows import read_rows
 
 
+def precision_text(rows: pd.DataFrame) -> str:
+    """The precisions the rows trained in, with their cell counts (``bf16 autocast (24
+    cells)``)."""
+    from kt_bench.precision import describe_precision
+
+    counts = rows["precision"].dropna().astype(str).value_counts()
+    if counts.empty:
+        return "not recorded"
+    return ", ".join(f"{describe_precision(p)} ({n} cell{'s' if n > 1 else ''})"
+                     for p, n in counts.items())
+
+
 def write_report(out: Path, rows: pd.DataFrame | None = None) -> Path:
     """Write ``out/report.md`` and, under ``out/report/``, the tables (``table.md``,
     ``table.tex``, ``summary.csv``) and plots (PNG and PDF); return the report's path."""
@@ -40,6 +52,8 @@ def write_report(out: Path, rows: pd.DataFrame | None = None) -> Path:
         f"# Report: {grids}",
         "",
         f"{len(rows)} cells: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".",
+        "",
+        f"Arithmetic: {precision_text(rows)}.",
         "",
         "## Comparison",
         "",

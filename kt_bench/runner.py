@@ -23,6 +23,7 @@ from kt_bench.errors import KtBenchError, first_line
 from kt_bench.locks import FileLock
 from kt_bench.method import Method, NotApplicable, build_method
 from kt_bench.rows import finished_row, result_path, write_results_csv
+from kt_bench.startup import CLOCK
 from kt_bench.teachers import get_teacher
 
 
@@ -92,6 +93,7 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     teacher_top1 = None
     try:
         teacher, t_metrics = get_teacher(cells[0], data, accelerator, teacher_cache)
+        CLOCK.mark("teacher")
         teacher_top1 = t_metrics["top1"]
         built: dict[int, Method] = {}
         errors: dict[int, BaseException] = {}
@@ -232,6 +234,7 @@ def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teach
     try:
         if key not in datasets:
             datasets[key] = load_dataset(cells[0].dataset, data_root)
+        CLOCK.mark("data")
     except KtBenchError as exc:
         rows = [{**_row_identity(c, accelerator.num_processes), "status": "failed",
                  "error": first_line(exc)} for c in cells]

@@ -65,8 +65,9 @@ class _Interrupt(RuntimeError):
     pass
 
 
-def test_resume_from_checkpoint_ends_with_the_same_numbers(data, teacher, tmp_path):
-    acc = make_accelerator("cpu")
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_from_checkpoint_ends_with_the_same_numbers(data, teacher, tmp_path, precision):
+    acc = make_accelerator("cpu", precision)
     full = train(data, STUDENT, build_method("fitnet"), RECIPE, 1, acc, teacher)
 
     @register_method("kd_crashing")
@@ -164,10 +165,11 @@ def test_unknown_device_and_precision_are_one_line_errors():
         make_accelerator("cpu", "fp8")
 
 
-def test_a_cohort_gives_each_student_the_solo_run_numbers_bit_for_bit(data, teacher):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_a_cohort_gives_each_student_the_solo_run_numbers_bit_for_bit(data, teacher, precision):
     from kt_bench.engine import train_cohort
 
-    acc = make_accelerator("cpu")
+    acc = make_accelerator("cpu", precision)
     names = ["student", "kd", "fitnet", "at", "nst_linear", "nst_poly", "nst_gauss",
              "kd+nst_poly"]
     cohort = train_cohort(data, STUDENT, [build_method(n) for n in names], RECIPE, 4, acc,
