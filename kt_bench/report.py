@@ -14,6 +14,8 @@ from importlib import resources
 import pandas as pd
 from tabulate import tabulate
 
+from kt_bench.precision import PRECISION_NAMES
+
 BASELINE = "student"
 KEYS = ["dataset", "teacher", "student", "method"]
 CONFIDENCE = 0.95
@@ -52,9 +54,9 @@ def paired_delta(method_rows: pd.DataFrame, base_rows: pd.DataFrame) -> dict:
     if n < 2:
         return {"delta": mean, "delta_lo": math.nan, "delta_hi": math.nan, "pairs": 1,
                 "significant": None}
-    from scipy.stats import t
+    from scipy.special import stdtrit  # Student's t quantile; scipy.stats is 3x slower to import
 
-    half = float(t.ppf(0.5 + CONFIDENCE / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    half = float(stdtrit(n - 1, 0.5 + CONFIDENCE / 2) * d.std(ddof=1) / math.sqrt(n))
     lo, hi = mean - half, mean + half
     return {"delta": mean, "delta_lo": lo, "delta_hi": hi, "pairs": n,
             "significant": not (lo <= 0 <= hi)}
@@ -313,3 +315,61 @@ def latex_pivot(summary: pd.DataFrame) -> str:
     table.index = [_latex_escape(i) for i in table.index]
     table.columns = [_latex_escape(c) for c in table.columns]
     return tabulate(table, headers="keys", tablefmt="latex_raw", disable_numparse=True)
+
+
+def _without(value, factor: str):
+    """A nested config with every key named ``factor`` removed, at any depth."""
+    if isinstance(value, dict):
+        return {k: _without(v, factor) for k, v in value.items() if k != factor}
+    return value
+
+
+def versus(rows: pd.DataFrame, factor: str, reference: str) -> pd.DataFrame:
+    """The paired top-1 change made by ``factor`` (a setting the cells record, e.g.
+    ``precision``): for every configuration run both with ``factor`` = ``reference`` and with
+    another value, one line per other value with the mean top-1 of each, and the difference
+    value − reference paired by seed with its 95% t-interval. Configurations are matched on
+    everything else they run with (the teacher's own ``factor`` included in what is varied)."""
+    ok = rows[rows["status"] == "ok"].copy()
+    if ok.empty or factor not in ok or "config" not in ok:
+        return pd.DataFrame()
+    ok["_rest"] = ok["config"].map(
+        lambda text: json.dumps(_without(json.loads(text), factor), sort_keys=True))
+    ok[factor] = ok[factor].astype(str)
+    out = []
+    for _, group in ok.groupby([*KEYS, "_rest"], sort=False):
+        base = group[group[factor] == reference]
+        if base.empty:
+            continue
+        for value, other in group[group[factor] != reference].groupby(factor, sort=True):
+            line = dict(zip(KEYS, group.iloc[0][KEYS], strict=True))
+            line.update({factor: value, f"top1 ({reference})": base["top1"].mean(),
+                         "top1": other["top1"].mean(), **paired_delta(other, base)})
+            out.append(line)
+    table = pd.DataFrame(out)
+    if table.empty:
+        return table
+    rank = {m: i for i, m in enumerate(method_order(table["method"]))}
+    order = table["method"].map(rank)
+    return table.assign(_r=order).sort_values(["dataset", "teacher", "student", "_r", factor],
+                                              kind="stable").drop(columns="_r")
+
+
+def versus_table(rows: pd.DataFrame, factor: str, reference: str, fmt: str = "github") -> str:
+    """:func:`versus` as text: one line per method and value, the change with its interval
+    (``n.s.`` where it spans zero)."""
+    table = versus(rows, factor, reference)
+    if table.empty:
+        return f"(no configuration was run with both {factor}={reference} and another value)"
+    # precisions by their usual names (Accelerate calls fp32 "no")
+    name = (lambda v: PRECISION_NAMES.get(v, v)) if factor == "precision" else str
+    shown = pd.DataFrame({
+        "dataset": table["dataset"],
+        "teacher → student": table["teacher"] + " → " + table["student"],
+        "method": table["method"], factor: table[factor].map(name),
+        "pairs": table["pairs"].astype(str),
+        f"top1 ({name(reference)})": table[f"top1 ({reference})"].map(_num),
+        "top1": table["top1"].map(_num),
+        f"Δ top1 vs {name(reference)} (95% CI)": table.apply(format_delta, axis=1),
+    })
+    return tabulate(shown, headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)

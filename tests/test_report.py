@@ -78,3 +78,61 @@ def test_report_command_writes_tables_plots_and_report_md(tmp_path, capsys):
     summary = pd.read_csv(folder / "summary.csv")
     assert {"top1", "top1_std", "delta", "delta_lo", "delta_hi", "significant"} <= set(summary)
     assert summary.loc[summary.method == "kd", "seeds"].item() == 2
+
+
+def _precision_rows(values: dict[tuple[str, str], list[float]], epochs: int = 2) -> pd.DataFrame:
+    """Rows of (method, precision) with one top-1 per seed and the config cells record."""
+    import json
+
+    out = []
+    for (method, precision), accs in values.items():
+        config = {"method": method, "precision": precision, "recipe": {"epochs": epochs},
+                  "teacher": {"precision": precision, "seed": 0}}
+        for seed, acc in enumerate(accs):
+            out.append({"dataset": "d", "teacher": "t", "student": "s", "method": method,
+                        "seed": seed, "top1": acc, "status": "ok", "precision": precision,
+                        "config": json.dumps(config, sort_keys=True)})
+    return pd.DataFrame(out)
+
+
+def test_versus_pairs_each_configuration_across_the_factor_by_seed():
+    from kt_bench.report import versus, versus_table
+
+    rows = _precision_rows({("kd", "no"): [70.0, 71.0, 72.0], ("kd", "bf16"): [71.0, 73.0, 75.0],
+                            ("student", "no"): [60.0, 61.0], ("student", "bf16"): [60.5, 60.5],
+                            ("at", "no"): [50.0, 50.0, 50.0]})  # at: fp32 only, no line
+    # another configuration (3 epochs) is never paired with the 2-epoch one
+    rows = pd.concat([rows, _precision_rows({("kd", "bf16"): [10.0, 10.0, 10.0]}, epochs=3)])
+    table = versus(rows, "precision", "no")
+    assert list(table["method"]) == ["student", "kd"]
+    kd = table[table["method"] == "kd"].iloc[0]
+    # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2 dof) = 4.302653
+    half = 4.302652729911275 / math.sqrt(3)
+    assert kd["precision"] == "bf16" and kd["pairs"] == 3
+    assert kd["top1 (no)"] == pytest.approx(71.0) and kd["top1"] == pytest.approx(73.0)
+    assert (kd["delta"], kd["delta_lo"], kd["delta_hi"]) == pytest.approx((2, 2 - half, 2 + half))
+    student = table[table["method"] == "student"].iloc[0]
+    assert student["pairs"] == 2 and student["delta"] == pytest.approx(0.0)
+    text = versus_table(rows, "precision", "no")
+    assert "+2.00 [" in text and "n.s." in text
+    assert "no configuration" in versus_table(rows[rows["method"] == "at"], "precision", "no")
+
+
+def test_report_versus_flag(tmp_path, capsys):
+    grid = write_tiny_grid(tmp_path, methods=("student", "kd"), seeds=(0, 1), epochs=1)
+    out = tmp_path / "run"
+    for precision in ("no", "bf16"):
+        assert main(["run", "--grid", str(grid), "--out", str(out), "--precision", precision,
+                     "--device", "cpu", "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--versus", "precision=no"]) == 0
+    printed = capsys.readouterr().out
+    assert "paired change of each method's top-1 with precision against precision=no" in printed
+    text = (out / "report" / "versus-precision.md").read_text()
+    assert text.count("| bf16 ") == 2 and "student" in text and "kd" in text
+    assert "bf16 autocast (4 cells), fp32 (4 cells)" in (out / "report.md").read_text()
+    assert main(["report", str(out), "--versus", "precision=fp8"]) == 2
+    assert "no row ran with precision=fp8; the rows have precision bf16, no" in \
+        capsys.readouterr().err
+    assert main(["report", str(out), "--versus", "seed"]) == 2
+    assert "--versus takes FIELD=REFERENCE" in capsys.readouterr().err
