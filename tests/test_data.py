@@ -4,7 +4,7 @@ import torch
 
 from kt_bench.data import load_dataset
 from kt_bench.data.augment import random_crop_flip
-from kt_bench.data.digits import stratified_split
+from kt_bench.data.digits import read_digits, stratified_split
 from kt_bench.spec import Spec
 
 
@@ -19,6 +19,22 @@ def test_digits_is_a_fixed_stratified_split_of_the_real_images():
     again = load_dataset(Spec("digits", {"image_size": 16, "augment": False}))
     assert torch.equal(data.train.images, again.train.images)
     assert abs(data.train.images.mean().item()) < 1e-4  # normalised with train statistics
+
+
+def test_digits_are_read_exactly_as_scikit_learn_loads_them(monkeypatch):
+    import importlib.util
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    images, target = read_digits()
+    raw = load_digits()
+    assert np.array_equal(images, raw.images) and images.dtype == raw.images.dtype
+    assert np.array_equal(target, raw.target) and images.shape == (1797, 8, 8)
+    # where the shipped file is not found, scikit-learn's own loader is used
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    again, labels = read_digits()
+    assert np.array_equal(again, raw.images) and np.array_equal(labels, raw.target)
 
 
 def test_stratified_split_is_disjoint_and_complete():

@@ -7,7 +7,6 @@ import os
 import pickle
 
 import torch
-import torchvision
 
 from kt_bench.data.augment import random_crop_flip
 from kt_bench.data.bundle import (
@@ -58,7 +57,11 @@ def _load(cls, name: str, root, download: bool, train: bool):
         raise KtBenchError(f"{name} is not in {root} and the download failed: {exc}") from None
 
 
-def _bundle(cls, name: str, num_classes: int, root, download, per_class, augment) -> TensorData:
+def _bundle(loader: str, name: str, num_classes: int, root, download, per_class,
+            augment) -> TensorData:
+    import torchvision  # here, not at import: it costs a second that other datasets never pay
+
+    cls = getattr(torchvision.datasets, loader)
     splits = []
     for train in (True, False):
         ds = _load(cls, name, root, download, train)
@@ -89,7 +92,7 @@ def cifar10(data_root: str | None = None, download: bool = True, per_class: int 
     normalised per channel with the training split's mean and std. ``per_class`` keeps the
     first N training images of each class (the test split stays whole).
     """
-    return _bundle(torchvision.datasets.CIFAR10, "CIFAR-10", 10, data_root, download, per_class,
+    return _bundle("CIFAR10", "CIFAR-10", 10, data_root, download, per_class,
                    augment)
 
 
@@ -100,5 +103,5 @@ def cifar100(data_root: str | None = None, download: bool = True, per_class: int
 
     Augmentation, normalisation and ``per_class`` as for ``cifar10``.
     """
-    return _bundle(torchvision.datasets.CIFAR100, "CIFAR-100", 100, data_root, download,
+    return _bundle("CIFAR100", "CIFAR-100", 100, data_root, download,
                    per_class, augment)
