@@ -1,13 +1,18 @@
 """``kt-bench bench``: training throughput of a plain PyTorch loop, the engine solo and the
-engine's cohort, measured in one run, with the ratios between them.
+engine's cohort, measured in one run, with the ratios between them and each as a fraction of
+the bare-model limit, in every precision asked for (fp32 and bf16 by default).
 
 (a) *plain*: the loop the common reference repositories write: a DataLoader with worker
 processes applying torchvision's per-image transforms (PIL crop with padding, flip, to tensor,
 normalise), the teacher's forward under ``no_grad``, the student's forward, the method's loss,
 backward and step, one method after another. (b) *solo*: the kt-bench engine, one method
 after another. (c) *cohort*: the engine training all methods' students in one pass.
-Each is timed per epoch; the first ``warmup`` epochs are dropped and the median of the rest
-is used. Networks start from their random initialisation (speed does not depend on it).
+Each is timed per epoch; the first ``warmup`` epochs are dropped and the fastest of the rest
+is used (other work on the machine only ever adds time, so the fastest epoch is the least
+disturbed one, and every figure is taken the same way). The *bare-model limit* is the teacher's
+forward plus the student's forward, backward and SGD step on batches already made, with no
+loss terms, taps or data path: no loop can beat it. Networks start from their random
+initialisation (speed does not depend on it).
 """
 
 from __future__ import annotations
@@ -25,10 +30,19 @@ import torch.nn.functional as F
 from kt_bench.config import Recipe
 from kt_bench.data.augment import random_crop_flip
 from kt_bench.data.bundle import Split, TensorData, channel_stats, load_dataset
-from kt_bench.engine import channels_last, make_accelerator, tap_shapes, train, train_cohort
+from kt_bench.engine import (
+    channels_last,
+    compile_model,
+    make_accelerator,
+    sync_device,
+    tap_shapes,
+    train,
+    train_cohort,
+)
 from kt_bench.errors import KtBenchError
 from kt_bench.method import build_method
 from kt_bench.models import build_model
+from kt_bench.precision import PRECISION_NAMES
 from kt_bench.spec import Spec
 from kt_bench.taps import TapRecorder
 
@@ -49,10 +63,13 @@ class BenchConfig:
     warmup: int = 1
     repeats: int = 3
     device: str = "auto"
-    precision: str = "no"
+    #: Each precision is measured in turn (``no``: fp32), every figure against its own limit.
+    precisions: tuple[str, ...] = ("no", "bf16")
     workers: int | None = None
     nst: bool = True
     compile: bool = False
+    #: Also time a 1-epoch ``kt-bench run`` of the demo from launch to its first step.
+    startup: bool = True
 
 
 def random_cifar(n: int, num_classes: int = 10, seed: int = 0) -> TensorData:
@@ -87,20 +104,16 @@ class _PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so a clock read after it measures the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _epoch_seconds(seconds: list[float], warmup: int) -> float:
+    """The fastest epoch time after the first ``warmup`` epochs."""
+    return min(seconds[warmup:] or seconds)
 
 
-def _median_seconds(seconds: list[float], warmup: int) -> float:
-    """The median epoch time after the first ``warmup`` epochs."""
-    return statistics.median(seconds[warmup:] or seconds)
-
-
-def plain_loop(cfg: BenchConfig, data: TensorData, method_name: str, device: torch.device,
+def plain_loop(cfg: BenchConfig, data: TensorData, method_name: str, accelerator,
                workers: int) -> list[float]:
-    """Epoch times of the reference-style loop for one method."""
+    """Epoch times of the reference-style loop for one method (forward passes under the
+    accelerator's autocast, as a reference loop given the same precision would run them)."""
+    device = accelerator.device
     torch.manual_seed(0)
     teacher = build_model(cfg.teacher, data.num_classes).to(device).eval()
     student = build_model(cfg.student, data.num_classes).to(device)
@@ -128,17 +141,18 @@ def plain_loop(cfg: BenchConfig, data: TensorData, method_name: str, device: tor
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             t_taps = None
             if t_rec is not None:
-                with torch.no_grad():
+                with torch.no_grad(), accelerator.autocast():
                     t_taps = t_rec.collect(teacher(x))
-            s_taps = s_rec.collect(student(x))
-            loss = F.cross_entropy(s_taps["logits"], y)
-            if t_taps is not None:
-                terms = method.loss_terms(s_taps, t_taps)
-                loss = loss + sum(w * terms[k] for k, w in weights.items() if w)
+            with accelerator.autocast():
+                s_taps = s_rec.collect(student(x))
+                loss = F.cross_entropy(s_taps["logits"].float(), y)
+                if t_taps is not None:
+                    terms = method.terms(s_taps, t_taps, None)
+                    loss = loss + sum(w * terms[k] for k, w in weights.items() if w)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -157,7 +171,7 @@ def _epoch_times(cfg: BenchConfig, data: TensorData, device: torch.device, step,
         t0 = time.perf_counter()
         for x in batches:
             step(x)
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -173,6 +187,31 @@ def teacher_forward_times(cfg: BenchConfig, data: TensorData, accelerator,
             teacher(x)
 
     return _epoch_times(cfg, data, accelerator.device, forward, prepare=True)
+
+
+def bare_student_times(cfg: BenchConfig, data: TensorData, accelerator, spec: Spec
+                       ) -> list[float]:
+    """Epoch times of the student's bare training step on resident batches: forward,
+    cross-entropy, backward and an SGD step, under the accelerator's autocast, with no loss
+    terms, no taps and no data path (the batches are made before the clock starts). With the
+    teacher's forward this is the limit of what any loop can reach for the pair."""
+    torch.manual_seed(0)
+    student = build_model(spec, data.num_classes).to(accelerator.device,
+                                                     memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_model(student)
+    student.train()
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    labels = data.train.labels[:cfg.batch_size].to(accelerator.device)
+
+    def step(x: torch.Tensor) -> None:
+        with accelerator.autocast():
+            loss = F.cross_entropy(student(x).float(), labels[:x.shape[0]])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _epoch_times(cfg, data, accelerator.device, step, prepare=True)
 
 
 def data_times(cfg: BenchConfig, data: TensorData, device: torch.device) -> list[float]:
@@ -194,7 +233,7 @@ def nst_timing(device: torch.device, reps: int = 5) -> dict[str, float]:
         for _ in range(reps + 1):
             t0 = time.perf_counter()
             method.loss_terms({"feat": f_s}, {"feat": f_t})["nst_poly"].backward()
-            _sync(device)
+            sync_device(device)
             times.append(time.perf_counter() - t0)
             f_s.grad = None
         out[form] = statistics.median(times[1:]) * 1000
@@ -230,30 +269,59 @@ def _data(cfg: BenchConfig) -> TensorData:
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Measure (a) plain, (b) solo, (c) cohort training images/s and their ratios."""
+    """Measure (a) plain, (b) solo, (c) cohort training images/s, their ratios, and each as a
+    fraction of the bare-model limit, in every precision of ``cfg``; the NST loss timing and
+    the start-up of a short run."""
     data = _data(cfg)
-    accelerator = make_accelerator(cfg.device, cfg.precision)
-    device = accelerator.device
     workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    result: dict[str, Any] = {"teacher": cfg.teacher, "student": cfg.student,
+                              "methods": list(cfg.methods), "batch_size": cfg.batch_size,
+                              "images_per_epoch": cfg.batch_size * cfg.steps,
+                              "workers": workers, "compile": cfg.compile,
+                              "precisions": [PRECISION_NAMES[p] for p in cfg.precisions]}
+    runs = {}
+    for precision in cfg.precisions:
+        runs[PRECISION_NAMES[precision]] = measure_precision(cfg, data, precision, workers)
+    result["device"] = next(iter(runs.values()))["device"]
+    result["runs"] = runs
+    if "fp32" in runs:
+        for name, run in runs.items():
+            if name != "fp32":
+                for what in ("bare", "solo", "cohort"):
+                    run[f"{what}_vs_fp32"] = run[f"{what}_ips"] / runs["fp32"][f"{what}_ips"]
+    if cfg.nst:
+        result.update(nst_timing(make_accelerator(cfg.device, "no").device))
+    if cfg.startup:  # a failed start-up run costs its own figure, not the bench's others
+        result["startup"] = {}
+        for p in cfg.precisions:
+            try:
+                result["startup"][PRECISION_NAMES[p]] = startup_timing(cfg.device, p)
+            except KtBenchError as exc:
+                result["startup"][PRECISION_NAMES[p]] = {"error": str(exc)}
+    return result
+
+
+def measure_precision(cfg: BenchConfig, data: TensorData, precision: str,
+                      workers: int) -> dict[str, Any]:
+    """Every figure of the bench in one precision (``no``: fp32)."""
+    accelerator = make_accelerator(cfg.device, precision)
+    device = accelerator.device
     n = cfg.batch_size * cfg.steps
     recipe = Recipe(epochs=cfg.warmup + cfg.repeats, batch_size=cfg.batch_size, lr=0.05,
                     schedule="constant", eval_batch_size=64)
     student, teacher_spec = Spec(cfg.student), Spec(cfg.teacher)
     teacher = build_model(teacher_spec, data.num_classes)
     k = len(cfg.methods)
-    result: dict[str, Any] = {"teacher": cfg.teacher, "student": cfg.student,
-                              "methods": list(cfg.methods), "device": str(device),
-                              "precision": cfg.precision, "batch_size": cfg.batch_size,
-                              "images_per_epoch": n, "workers": workers}
+    result: dict[str, Any] = {"device": str(device), "precision": precision}
 
     _reset_peak(device)
-    plain_t = [_median_seconds(plain_loop(cfg, data, m, device, workers), cfg.warmup)
+    plain_t = [_epoch_seconds(plain_loop(cfg, data, m, accelerator, workers), cfg.warmup)
                for m in cfg.methods]
     result["plain_ips"] = k * n / sum(plain_t)
     result["plain_peak_mem_mb"] = _peak_mb(device)
 
     _reset_peak(device)
-    solo_t = [_median_seconds(train(data, student, build_method(m), recipe, 0, accelerator,
+    solo_t = [_epoch_seconds(train(data, student, build_method(m), recipe, 0, accelerator,
                                     teacher, desc=f"solo {m}", compile=cfg.compile).epoch_s,
                               cfg.warmup)
               for m in cfg.methods]
@@ -266,14 +334,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     errors = [r.error for r in cohort if r.error is not None]
     if errors:
         raise KtBenchError(f"the cohort failed: {errors[0]}")
-    cohort_t = _median_seconds(cohort[0].epoch_s, cfg.warmup)
+    cohort_t = _epoch_seconds(cohort[0].epoch_s, cfg.warmup)
     result["cohort_ips"] = k * n / cohort_t
     result["cohort_peak_mem_mb"] = _peak_mb(device)
     result["peak_mem_mb"] = max(result[f"{p}_peak_mem_mb"] for p in ("plain", "solo", "cohort"))
 
-    t_teacher = _median_seconds(teacher_forward_times(cfg, data, accelerator, teacher),
+    t_teacher = _epoch_seconds(teacher_forward_times(cfg, data, accelerator, teacher),
                                 cfg.warmup)
-    t_data = _median_seconds(data_times(cfg, data, device), cfg.warmup)
+    t_data = _epoch_seconds(data_times(cfg, data, device), cfg.warmup)
+    t_bare = _epoch_seconds(bare_student_times(cfg, data, accelerator, student), cfg.warmup)
     n_teach = sum(build_method(m).needs_teacher for m in cfg.methods)
     # A cohort saves what the solo runs repeat: the teacher's forward of every method that
     # has a teacher but one, and the data path of every method but one. The students' own
@@ -283,52 +352,118 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     result["teacher_epoch_s"] = t_teacher
     result["teacher_step_ms"] = 1000 * t_teacher / steps
     result["data_step_ms"] = 1000 * t_data / steps
+    result["bare_student_step_ms"] = 1000 * t_bare / steps
     result["student_step_ms"] = 1000 * (sum(solo_t) - n_teach * t_teacher - k * t_data) / k / steps
     result["methods_with_teacher"] = n_teach
-    result["compile"] = cfg.compile
+    # The bare-model limit: per method, the bare student step plus, for a method with a
+    # teacher, the teacher's forward; for the cohort, one teacher forward for all.
+    limit_solo = k * t_bare + n_teach * t_teacher
+    limit_cohort = k * t_bare + (t_teacher if n_teach else 0.0)
+    result["bare_ips"] = k * n / limit_solo
+    result["bare_cohort_ips"] = k * n / limit_cohort
+    result["solo_of_limit"] = limit_solo / sum(solo_t)
+    result["cohort_of_limit"] = limit_cohort / cohort_t
+    result["plain_of_limit"] = limit_solo / sum(plain_t)
     result["cohort_bound"] = sum(solo_t) / max(sum(solo_t) - saved, 1e-9)
     result["solo_vs_plain"] = result["solo_ips"] / result["plain_ips"]
     result["cohort_vs_solo"] = result["cohort_ips"] / result["solo_ips"]
     result["cohort_vs_plain"] = result["cohort_ips"] / result["plain_ips"]
     result["cohort_of_bound"] = result["cohort_vs_solo"] / result["cohort_bound"]
-    if cfg.nst:
-        result.update(nst_timing(device))
     return result
+
+
+def startup_timing(device: str, precision: str) -> dict[str, Any]:
+    """Seconds from launch to the first training step of a 1-epoch ``kt-bench run`` of one
+    demo cell (KD, its teacher loaded from a checkpoint and evaluated, not trained), by
+    phase as the run reports them, and the whole run's wall time."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from kt_bench.cells import expand
+    from kt_bench.config import load_grid
+
+    (cell,) = expand(load_grid("demo").overridden(["kd"], 1, [0]))
+    data = load_dataset(cell.dataset)
+    with tempfile.TemporaryDirectory(prefix="kt-bench-startup-") as tmp:
+        ckpt = Path(tmp) / "teacher.pt"
+        torch.save(build_model(cell.teacher, data.num_classes, data.in_channels).state_dict(),
+                   ckpt)
+        cmd = [sys.executable, "-m", "kt_bench", "run", "--grid", "demo", "--methods", "kd",
+               "--epochs", "1", "--seeds", "0", "--out", str(Path(tmp) / "run"),
+               "--teacher-checkpoint", str(ckpt), "--device", device, "--precision", precision]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
+            raise KtBenchError(f"the start-up run failed: {lines[-1]}")
+        marks = json.loads((Path(tmp) / "run" / "startup.json").read_text())
+    return {"phases": {m["phase"]: m["seconds"] for m in marks["phases"]},
+            "first_step_s": marks["first_step_s"], "run_wall_s": wall}
+
+
+def _run_rows(r: dict[str, Any]) -> list[list[str]]:
+    """The table rows of one precision's run."""
+    def row(name: str, ips: float, vs_plain: str, of_limit: str, mem: str) -> list[str]:
+        return [name, f"{ips:.0f}", vs_plain, of_limit, mem]
+
+    return [
+        row("bare models (limit, solo)", r["bare_ips"], "", "1.00", ""),
+        row("(a) plain PyTorch loop", r["plain_ips"], "1.00", f"{r['plain_of_limit']:.2f}",
+            f"{r['plain_peak_mem_mb']:.0f}"),
+        row("(b) kt-bench engine, solo", r["solo_ips"], f"{r['solo_vs_plain']:.2f}",
+            f"{r['solo_of_limit']:.2f}", f"{r['solo_peak_mem_mb']:.0f}"),
+        row("bare models (limit, cohort)", r["bare_cohort_ips"], "", "1.00", ""),
+        row("(c) kt-bench cohort", r["cohort_ips"], f"{r['cohort_vs_plain']:.2f}",
+            f"{r['cohort_of_limit']:.2f}", f"{r['cohort_peak_mem_mb']:.0f}"),
+    ]
 
 
 def format_result(r: dict[str, Any]) -> str:
     """A human-readable summary of :func:`run_bench`'s result."""
     from tabulate import tabulate
 
-    rows = [
-        ["(a) plain PyTorch loop", f"{r['plain_ips']:.0f}", "1.00",
-         f"{r['plain_peak_mem_mb']:.0f}"],
-        ["(b) kt-bench engine, solo", f"{r['solo_ips']:.0f}", f"{r['solo_vs_plain']:.2f}",
-         f"{r['solo_peak_mem_mb']:.0f}"],
-        [f"(c) kt-bench cohort of {len(r['methods'])}", f"{r['cohort_ips']:.0f}",
-         f"{r['cohort_vs_plain']:.2f}", f"{r['cohort_peak_mem_mb']:.0f}"],
-    ]
+    k = len(r["methods"])
     lines = [
-        f"{r['teacher']} -> {r['student']}, {len(r['methods'])} methods, batch "
-        f"{r['batch_size']}, {r['images_per_epoch']} images per epoch, on {r['device']} "
-        f"(precision {r['precision']}{', compiled' if r['compile'] else ''}; plain loop with "
-        f"{r['workers']} DataLoader workers)",
-        tabulate(rows, headers=["", "train images/s (all students)", "vs plain",
-                                "peak memory MB"], tablefmt="github", disable_numparse=True),
-        f"per batch: teacher forward {r['teacher_step_ms']:.1f} ms, data path "
-        f"{r['data_step_ms']:.1f} ms, a student's step {r['student_step_ms']:.1f} ms (mean over "
-        f"the methods; {r['methods_with_teacher']} of {len(r['methods'])} use the teacher)",
-        f"solo vs plain: {r['solo_vs_plain']:.2f}x; cohort vs solo: {r['cohort_vs_solo']:.2f}x "
-        f"(bound from the measured step times: {r['cohort_bound']:.2f}x; reached "
-        f"{r['cohort_of_bound']:.0%} of it)",
+        f"{r['teacher']} -> {r['student']}, {k} methods, batch {r['batch_size']}, "
+        f"{r['images_per_epoch']} images per epoch, on {r['device']}"
+        f"{' (compiled)' if r['compile'] else ''}; plain loop with {r['workers']} DataLoader "
+        "workers; images/s over all students",
     ]
+    for name, run in r["runs"].items():
+        lines += [
+            "",
+            f"{name}:",
+            tabulate(_run_rows(run), headers=["", "train images/s", "vs plain",
+                                              "of the limit", "peak memory MB"],
+                     tablefmt="github", disable_numparse=True),
+            f"per batch: teacher forward {run['teacher_step_ms']:.1f} ms, bare student step "
+            f"{run['bare_student_step_ms']:.1f} ms, data path {run['data_step_ms']:.1f} ms, "
+            f"a student's step in the engine {run['student_step_ms']:.1f} ms (mean over the "
+            f"methods; {run['methods_with_teacher']} of {k} use the teacher)",
+            f"cohort vs solo: {run['cohort_vs_solo']:.2f}x (bound from the measured step "
+            f"times: {run['cohort_bound']:.2f}x; reached {run['cohort_of_bound']:.0%} of it)",
+        ]
+        if "solo_vs_fp32" in run:
+            lines.append(f"{name} vs fp32: bare models {run['bare_vs_fp32']:.2f}x, solo "
+                         f"{run['solo_vs_fp32']:.2f}x, cohort {run['cohort_vs_fp32']:.2f}x")
     if not r["device"].startswith("cuda"):
         lines.append("(peak memory on the CPU is the process's peak resident size so far, so "
-                     "it can only grow from (a) to (c))")
+                     "it can only grow down the tables)")
     if "nst_auto_ms" in r:
         lines.append(f"NST-poly loss at the paper's ImageNet shape (64 x 2048x7x7 teacher, "
                      f"1024x7x7 student), forward+backward: {r['nst_auto_ms']:.1f} ms (form "
                      f"chosen by shape) vs {r['nst_kernel_ms']:.1f} ms (direct kernel form): "
                      f"{r['nst_speedup']:.1f}x")
+    for name, st in r.get("startup", {}).items():
+        if "error" in st:
+            lines.append(f"start-up of a 1-epoch demo run ({name}): {st['error']}")
+            continue
+        phases = ", ".join(f"{p} {t:.2f} s" for p, t in st["phases"].items())
+        lines.append(f"start-up of a 1-epoch demo run ({name}): first step "
+                     f"{st['first_step_s']:.2f} s after launch ({phases}); whole run "
+                     f"{st['run_wall_s']:.1f} s")
     return "\n".join(lines)
-
