@@ -11,7 +11,10 @@ from kt_bench.method import Method, Taps, register_method
 
 def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Σ_c |F_c|^p over channels, flattened and L2-normalised per sample: (B, H·W)."""
-    return F.normalize(f.float().abs().pow(p).sum(dim=1).flatten(1), dim=1)
+    f = f.float()
+    # |x|² is x·x: the usual p = 2 skips the absolute value and its backward
+    powered = f.square() if p == 2 else f.abs().pow(p)
+    return F.normalize(powered.sum(dim=1).flatten(1), dim=1)
 
 
 def at_loss(
