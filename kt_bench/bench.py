@@ -38,6 +38,7 @@ from kt_bench.engine import (
     tap_shapes,
     train,
     train_cohort,
+    training_memory_format,
 )
 from kt_bench.errors import KtBenchError
 from kt_bench.method import build_method
@@ -196,8 +197,9 @@ def bare_student_times(cfg: BenchConfig, data: TensorData, accelerator, spec: Sp
     terms, no taps and no data path (the batches are made before the clock starts). With the
     teacher's forward this is the limit of what any loop can reach for the pair."""
     torch.manual_seed(0)
-    student = build_model(spec, data.num_classes).to(accelerator.device,
-                                                     memory_format=torch.channels_last)
+    student = build_model(spec, data.num_classes)
+    layout = training_memory_format(student, accelerator.device)  # as the engine trains it
+    student = student.to(accelerator.device, memory_format=layout)
     if cfg.compile:
         compile_model(student)
     student.train()
@@ -206,7 +208,8 @@ def bare_student_times(cfg: BenchConfig, data: TensorData, accelerator, spec: Sp
 
     def step(x: torch.Tensor) -> None:
         with accelerator.autocast():
-            loss = F.cross_entropy(student(x).float(), labels[:x.shape[0]])
+            loss = F.cross_entropy(student(x.contiguous(memory_format=layout)).float(),
+                                   labels[:x.shape[0]])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

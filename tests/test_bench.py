@@ -71,6 +71,6 @@ def test_bench_times_the_start_up_of_a_short_run():
     from kt_bench.bench import startup_timing
 
     st = startup_timing("cpu", "no")
-    assert list(st["phases"]) == ["imports", "plan", "data", "teacher", "students", "first step"]
+    assert list(st["phases"]) == ["imports", "plan", "data", "teacher", "networks", "first step"]
     assert st["first_step_s"] == pytest.approx(sum(st["phases"].values()))
     assert 0 < st["first_step_s"] < st["run_wall_s"]

@@ -221,3 +221,25 @@ def test_compiled_students_each_keep_their_own_taps_and_match_eager(data, teache
             assert hc["loss"] == pytest.approx(he["loss"], rel=rel), name
             terms = {k for k in he if k not in ("epoch", "lr", "top1", "top5")}
             assert terms == {k for k in hc if k not in ("epoch", "lr", "top1", "top5")}
+
+
+def test_networks_narrower_than_a_cpu_vector_train_in_the_default_layout():
+    """PyTorch's channels-last BatchNorm backward on the CPU is several times slower below 16
+    channels, so such a network trains in the default layout there; wider ones, and every
+    network on CUDA, in channels_last. The engine's members follow the rule."""
+    from kt_bench.engine import Trainee, training_memory_format
+    from kt_bench.models import build_model
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    narrow = build_model(Spec("resnet8", {"width": 0.5}), 10)  # 8, 16, 32 channels
+    wide = build_model(Spec("resnet20"), 10)  # 16, 32, 64 channels
+    assert training_memory_format(narrow, cpu) == torch.contiguous_format
+    assert training_memory_format(wide, cpu) == torch.channels_last
+    assert training_memory_format(narrow, cuda) == torch.channels_last
+    # a Trainee puts each batch into its student's layout
+    seen = []
+    narrow.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    trainee = Trainee(narrow, build_method("student"), torch.contiguous_format)
+    trainee(torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last), None)
+    assert seen[0].is_contiguous() and not seen[0].is_contiguous(
+        memory_format=torch.channels_last)
