@@ -80,6 +80,11 @@ class AB(Method):
     """
 
     default_weight = 1.0
+    #: Under bf16 autocast the connectors and the loss run in float32. On the demo, AB was the
+    #: one method whose top-1 bf16 lowered beyond its 95% interval (-0.84 [-1.53, -0.14] over
+    #: 3 seeds); with an fp32 teacher for both, bf16 terms gave -0.37 [-0.77, +0.03] and
+    #: float32 terms +0.09 [-0.71, +0.89] (README, Performance).
+    float32_terms = True
 
     def __init__(
         self,
