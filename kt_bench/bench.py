@@ -33,6 +33,7 @@ from kt_bench.data.bundle import Split, TensorData, channel_stats, load_dataset
 from kt_bench.engine import (
     channels_last,
     compile_model,
+    in_layout,
     make_accelerator,
     sync_device,
     tap_shapes,
@@ -208,8 +209,7 @@ def bare_student_times(cfg: BenchConfig, data: TensorData, accelerator, spec: Sp
 
     def step(x: torch.Tensor) -> None:
         with accelerator.autocast():
-            loss = F.cross_entropy(student(x.contiguous(memory_format=layout)).float(),
-                                   labels[:x.shape[0]])
+            loss = F.cross_entropy(student(in_layout(x, layout)).float(), labels[:x.shape[0]])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

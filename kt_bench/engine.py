@@ -79,6 +79,16 @@ def make_accelerator(device: str = "auto", precision: str = "no", log_with: str 
     return accelerator
 
 
+def in_layout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """A batch of images (N, C, H, W) with the strides of ``memory_format`` (a copy only where
+    they differ). ``.contiguous()`` alone would keep a one-channel batch's channels-last
+    strides, as both layouts hold for it, and convolutions choose their layout by strides."""
+    n, c, h, w = x.shape
+    want = ((c * h * w, h * w, w, 1) if memory_format == torch.contiguous_format
+            else (h * w * c, 1, w * c, c))
+    return x if x.stride() == want else x.clone(memory_format=memory_format)
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """Images in the channels-last layout, which convolutions run faster in on both CUDA and
     the CPU (oneDNN); models are converted to it too."""
@@ -116,7 +126,7 @@ class Trainee(nn.Module):
     def forward(self, x: torch.Tensor, teacher_taps: dict | None, batch: Batch | None = None):
         """The student's logits and the method's unweighted loss terms."""
         if self.memory_format is not None and x.dim() == 4:  # in the student's own layout
-            x = x.contiguous(memory_format=self.memory_format)
+            x = in_layout(x, self.memory_format)
         logits = self.student(x)
         taps = self.recorder.collect(logits)
         terms = self.method.terms(taps, teacher_taps, batch) if teacher_taps is not None else {}
