@@ -187,10 +187,16 @@ def evaluate(accelerator: Accelerator, model: nn.Module, data: DataBundle, batch
     counted once over all processes."""
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1:
+        # each process updated its own BatchNorm statistics in its last step; all score the
+        # model the main process checkpoints, with the main's
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     correct = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    layout = training_memory_format(model, accelerator.device)  # as it trained
     for x, y in data.test_batches(batch_size, accelerator.device, rank, world):
         with accelerator.autocast():
-            logits = model(channels_last(x))
+            logits = model(in_layout(x, layout) if x.dim() == 4 else x)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(y[:, None])
         correct[0] += hit[:, 0].sum()
