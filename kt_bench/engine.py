@@ -81,8 +81,11 @@ def make_accelerator(device: str = "auto", precision: str = "no", log_with: str 
 
 def in_layout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     """A batch of images (N, C, H, W) with the strides of ``memory_format`` (a copy only where
-    they differ). ``.contiguous()`` alone would keep a one-channel batch's channels-last
-    strides, as both layouts hold for it, and convolutions choose their layout by strides."""
+    they differ; other inputs as they are). ``.contiguous()`` alone would keep a one-channel
+    batch's channels-last strides, as both layouts hold for it, and convolutions choose their
+    layout by strides."""
+    if x.dim() != 4:
+        return x
     n, c, h, w = x.shape
     want = ((c * h * w, h * w, w, 1) if memory_format == torch.contiguous_format
             else (h * w * c, 1, w * c, c))
@@ -125,7 +128,7 @@ class Trainee(nn.Module):
 
     def forward(self, x: torch.Tensor, teacher_taps: dict | None, batch: Batch | None = None):
         """The student's logits and the method's unweighted loss terms."""
-        if self.memory_format is not None and x.dim() == 4:  # in the student's own layout
+        if self.memory_format is not None:  # in the student's own layout
             x = in_layout(x, self.memory_format)
         logits = self.student(x)
         taps = self.recorder.collect(logits)
@@ -196,7 +199,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, data: DataBundle, batch
     layout = training_memory_format(model, accelerator.device)  # as it trained
     for x, y in data.test_batches(batch_size, accelerator.device, rank, world):
         with accelerator.autocast():
-            logits = model(in_layout(x, layout) if x.dim() == 4 else x)
+            logits = model(in_layout(x, layout))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(y[:, None])
         correct[0] += hit[:, 0].sum()
@@ -530,9 +533,9 @@ def train_cohort(
                     except Exception as exc:  # noqa: BLE001
                         m.error = exc
                     m.images += x.shape[0] * world
-                if "first step" not in CLOCK.marks:
+                if not CLOCK.done:
                     sync_device(device)
-                    CLOCK.mark("first step")
+                    CLOCK.mark(CLOCK.FINAL)
                 bar.update(1)
             seconds = time.perf_counter() - t0
             for m, _, _, _, _, sums in plan:

@@ -39,6 +39,15 @@ def method_order(methods) -> list[str]:
     return sorted(set(methods), key=lambda m: (m != BASELINE, m.count("+"), m))
 
 
+def in_method_order(table: pd.DataFrame, then: list[str]) -> pd.DataFrame:
+    """``table`` sorted by dataset, teacher and student, then methods in :func:`method_order`,
+    then the columns ``then`` (a stable sort)."""
+    rank = {m: i for i, m in enumerate(method_order(table["method"]))}
+    return (table.assign(_r=table["method"].map(rank))
+            .sort_values(["dataset", "teacher", "student", "_r", *then], kind="stable")
+            .drop(columns="_r"))
+
+
 def paired_delta(method_rows: pd.DataFrame, base_rows: pd.DataFrame) -> dict:
     """Mean top-1 difference method − baseline over shared seeds, with its 95% t-interval.
 
@@ -165,11 +174,7 @@ def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.D
     table = pd.DataFrame(out)
     if table.empty:
         return table
-    rank = {m: i for i, m in enumerate(method_order(table["method"]))}
-    table["_r"] = table["method"].map(rank)
-    table = table.sort_values(["dataset", "teacher", "student", "_r", *params, "config"],
-                              kind="stable")
-    return table.drop(columns="_r").reset_index(drop=True)
+    return in_method_order(table, [*params, "config"]).reset_index(drop=True)
 
 
 def _num(x: float, fmt: str = ".2f") -> str:
@@ -349,10 +354,7 @@ def versus(rows: pd.DataFrame, factor: str, reference: str) -> pd.DataFrame:
     table = pd.DataFrame(out)
     if table.empty:
         return table
-    rank = {m: i for i, m in enumerate(method_order(table["method"]))}
-    order = table["method"].map(rank)
-    return table.assign(_r=order).sort_values(["dataset", "teacher", "student", "_r", factor],
-                                              kind="stable").drop(columns="_r")
+    return in_method_order(table, [factor])
 
 
 def versus_table(rows: pd.DataFrame, factor: str, reference: str, fmt: str = "github") -> str:

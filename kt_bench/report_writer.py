@@ -8,6 +8,7 @@ import pandas as pd
 
 from kt_bench import atomic
 from kt_bench.plots import accuracy_plot, cost_plot, curves_plot, sensitivity_plots
+from kt_bench.precision import describe_precision
 from kt_bench.report import (
     CONFIDENCE,
     display_table,
@@ -22,8 +23,6 @@ from kt_bench.rows import read_rows
 def precision_text(rows: pd.DataFrame) -> str:
     """The precisions the rows trained in, with their cell counts (``bf16 autocast (24
     cells)``)."""
-    from kt_bench.precision import describe_precision
-
     counts = rows["precision"].dropna().astype(str).value_counts()
     if counts.empty:
         return "not recorded"

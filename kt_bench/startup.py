@@ -45,6 +45,16 @@ class StartupClock:
         if phase == self.FINAL and self.on_done is not None:
             self.on_done(self)
 
+    @property
+    def done(self) -> bool:
+        """Whether the final phase (the first step) has been marked."""
+        return self.FINAL in self.marks
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the process's start to the latest mark."""
+        return max(self.marks.values(), default=0.0)
+
     def phases(self) -> dict[str, float]:
         """Each phase's seconds (from the previous mark to its own), in order of the marks."""
         out, last = {}, 0.0
@@ -56,8 +66,7 @@ class StartupClock:
     def summary(self) -> str:
         """One line: each phase's seconds and when the first step ended."""
         parts = ", ".join(f"{p} {s:.2f} s" for p, s in self.phases().items())
-        total = max(self.marks.values(), default=0.0)
-        return f"start-up: {parts} (first step done {total:.2f} s after launch)"
+        return f"start-up: {parts} (first step done {self.elapsed:.2f} s after launch)"
 
 
 #: The clock of this process's run (one ``kt-bench run`` per process).
