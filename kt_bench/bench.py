@@ -202,7 +202,7 @@ def bare_student_times(cfg: BenchConfig, data: TensorData, accelerator, spec: Sp
     layout = training_memory_format(student, accelerator.device)  # as the engine trains it
     student = student.to(accelerator.device, memory_format=layout)
     if cfg.compile:
-        compile_model(student)
+        compile_model(student, layout)
     student.train()
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     labels = data.train.labels[:cfg.batch_size].to(accelerator.device)

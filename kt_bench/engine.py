@@ -104,15 +104,30 @@ CPU_VECTOR_CHANNELS = 16
 
 
 def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
-    """The layout ``model`` trains fastest in on ``device``: channels_last, except on the CPU
-    for a network with a BatchNorm narrower than :data:`CPU_VECTOR_CHANNELS` channels, whose
-    backward pass is several times slower there in channels_last (7x at 8 channels, measured
-    on AVX-512) than in the default layout; such a network trains in the default layout."""
-    if device.type == "cpu" and any(
-            isinstance(m, nn.BatchNorm2d) and m.num_features < CPU_VECTOR_CHANNELS
-            for m in model.modules()):
+    """The layout ``model`` trains fastest in on ``device``, and correctly: channels_last,
+    except on the CPU for a network with a BatchNorm narrower than
+    :data:`CPU_VECTOR_CHANNELS` channels, whose backward pass is several times slower there in
+    channels_last (7x at 8 channels, measured on AVX-512) than in the default layout, or with
+    a strided 1x1 convolution of fewer than :data:`ONEDNN_SAFE_CHANNELS` input channels, whose
+    weight gradient oneDNN gets wrong in channels_last on some CPUs (off by 13-59% on an AVX2
+    AMD EPYC, PyTorch 2.14; tests/test_compile.py). Such a network trains in the default
+    layout on the CPU."""
+    if device.type == "cpu" and any(_slow_or_wrong_in_channels_last(m)
+                                    for m in model.modules()):
         return torch.contiguous_format
     return torch.channels_last
+
+
+#: Input channels from which oneDNN's channels-last weight gradient of a strided 1x1
+#: convolution is right on every CPU measured (2 to 7 were wrong on an AVX2 one).
+ONEDNN_SAFE_CHANNELS = 8
+
+
+def _slow_or_wrong_in_channels_last(module: nn.Module) -> bool:
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features < CPU_VECTOR_CHANNELS
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+            and module.stride != (1, 1) and module.in_channels < ONEDNN_SAFE_CHANNELS)
 
 
 class Trainee(nn.Module):
@@ -254,16 +269,22 @@ class _Member:
         return (INIT, epoch, init) if epoch < init else (MAIN, epoch - init, epochs)
 
 
-def compile_model(model: nn.Module) -> None:
+def compile_model(model: nn.Module,
+                  memory_format: torch.memory_format = torch.channels_last) -> None:
     """Compile ``model``'s forward in place with ``torch.compile`` (its state dict keeps its
-    keys, so checkpoints are unchanged)."""
+    keys, so checkpoints are unchanged); a model that trains in ``memory_format``
+    ``contiguous_format`` keeps that layout inside the compiled code too."""
     # Instances of one class share their compiled code unless Dynamo also guards on the
     # modules' hooks; without these guards a student would run another's tap hooks.
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     # Each student (its hooks) and each mode (train, eval) is a compilation of the same code;
     # past the default limit of 8, Dynamo would fall back to eager for the rest, unseen.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    model.compile()
+    # Inductor moves convolutions to channels_last on its own; for a network the engine keeps
+    # in the default layout (see training_memory_format) that would bring back the slow and
+    # the wrong kernels it avoids.
+    keep = memory_format == torch.contiguous_format
+    model.compile(options={"layout_optimization": False} if keep else None)
 
 
 def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: Recipe,
@@ -280,7 +301,7 @@ def _make_member(data: DataBundle, student_spec: Spec, method: Method, recipe: R
     layout = training_memory_format(student, accelerator.device)
     trainee = Trainee(student, method, layout).to(memory_format=layout)
     if compile:
-        compile_model(student)
+        compile_model(student, layout)
     optimizer = _sgd(trainee, recipe, recipe.lr)
     scheduler = make_scheduler(optimizer, recipe)
     init_optimizer = None

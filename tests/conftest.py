@@ -1,7 +1,11 @@
-"""Shared fixtures: an isolated method registry, and tiny grids that train in seconds."""
+"""Shared fixtures: an isolated method registry, tiny grids that train in seconds, and a
+private compiler cache."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -11,6 +15,18 @@ from kt_bench import plugins
 from kt_bench.method import METHODS
 
 plugins.load_builtin_methods()
+
+#: TorchInductor's cache for this test session alone (subprocesses inherit it): PyTorch's
+#: default one is shared by every run of the user's and outlives them, so a run killed while
+#: compiling could leave a kernel there that breaks later test runs (seen: a segmentation
+#: fault in every later run), and a warm cache would hide compile paths from the tests.
+INDUCTOR_CACHE = tempfile.mkdtemp(prefix="kt-bench-tests-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = INDUCTOR_CACHE
+
+
+def pytest_unconfigure(config):
+    """Remove the session's private compiler cache."""
+    shutil.rmtree(INDUCTOR_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -199,30 +199,6 @@ def test_a_failing_student_stops_alone_in_its_cohort(data, teacher):
                                        make_accelerator("cpu"), teacher).history
 
 
-def test_compiled_students_each_keep_their_own_taps_and_match_eager(data, teacher):
-    """torch.compile shares code between instances of a class; each student must still see
-    its own hooks (AT taps stages, NST taps feat), and the numbers must stay those of eager
-    mode up to float reordering: within 1e-4 after one epoch (with another student's taps a
-    loss would be off by far more). Later epochs drift further, as any reordering does in a
-    chaotic training run, so they are held to 5%."""
-    from kt_bench.engine import train_cohort
-
-    names = ["at", "nst_poly", "student"]
-    recipe = Recipe(epochs=2, batch_size=32, lr=0.05)
-    acc = make_accelerator("cpu")
-    compiled = train_cohort(data, STUDENT, [build_method(n) for n in names], recipe, 1, acc,
-                            teacher, compile=True)
-    eager = train_cohort(data, STUDENT, [build_method(n) for n in names], recipe, 1, acc,
-                         teacher)
-    for name, c, e in zip(names, compiled, eager, strict=True):
-        assert c.error is None, (name, c.error)
-        for hc, he in zip(c.history, e.history, strict=True):
-            rel = 1e-4 if hc["epoch"] == 1 else 5e-2
-            assert hc["loss"] == pytest.approx(he["loss"], rel=rel), name
-            terms = {k for k in he if k not in ("epoch", "lr", "top1", "top5")}
-            assert terms == {k for k in hc if k not in ("epoch", "lr", "top1", "top5")}
-
-
 def test_networks_narrower_than_a_cpu_vector_train_in_the_default_layout():
     """PyTorch's channels-last BatchNorm backward on the CPU is several times slower below 16
     channels, so such a network trains in the default layout there; wider ones, and every
@@ -236,6 +212,15 @@ def test_networks_narrower_than_a_cpu_vector_train_in_the_default_layout():
     assert training_memory_format(narrow, cpu) == torch.contiguous_format
     assert training_memory_format(wide, cpu) == torch.channels_last
     assert training_memory_format(narrow, cuda) == torch.channels_last
+    # oneDNN's channels-last weight gradient of a strided 1x1 convolution with fewer than 8
+    # input channels was wrong on an AVX2 CPU: such a network too trains in the default layout
+    wide_but_strided = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 1, stride=2),
+                                           torch.nn.BatchNorm2d(16))
+    assert training_memory_format(wide_but_strided, cpu) == torch.contiguous_format
+    wide_but_strided[0] = torch.nn.Conv2d(8, 16, 1, stride=2)
+    assert training_memory_format(wide_but_strided, cpu) == torch.channels_last
+    wide_but_strided[0] = torch.nn.Conv2d(4, 16, 1, stride=1)
+    assert training_memory_format(wide_but_strided, cpu) == torch.channels_last
     # a Trainee puts each batch into its student's layout
     seen = []
     narrow.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
