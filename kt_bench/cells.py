@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kt_bench import atomic
 from kt_bench.config import Grid, Recipe, merge_options
 from kt_bench.errors import KtBenchError
 from kt_bench.method import method_config, split_method_name
@@ -18,6 +21,40 @@ def config_hash(config: Any, length: int = 12) -> str:
     """A stable short hash of a JSON-able config."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+#: SHA-256 of the files already hashed by this process, by absolute path and what a change
+#: of content changes (size, modification and change time, inode: a file replaced by another).
+_digests: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _digest(path: str) -> str:
+    """The SHA-256 (hex) of the file ``path``, read in chunks (a teacher may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """The SHA-256 (hex) of the content of the file ``path``; None when there is no such file
+    (whoever loads it says so). Each file is read once per process while it stays the same
+    file with the same size and times. A file this user may not read is an
+    :class:`~kt_bench.errors.UnreadableFileError`."""
+    absolute = os.path.abspath(path)
+    try:
+        st = os.stat(absolute)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        key = (absolute, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if key not in _digests:
+            _digests[key] = _digest(absolute)
+    except PermissionError:
+        raise atomic.unreadable(absolute) from None
+    except OSError:
+        return None
+    return _digests[key]
 
 
 @dataclass(frozen=True)
@@ -39,6 +76,18 @@ class Cell:
     params: tuple[tuple[str, Any], ...] = ()
     #: The seed the teacher trains with; None: the cell's own seed.
     teacher_seed: int | None = None
+    #: The SHA-256 of ``teacher_checkpoint``'s content, which identifies the teacher (taken
+    #: from the file when the cell is made; None while there is no such file).
+    teacher_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.teacher_checkpoint and self.teacher_sha256 is None:
+            object.__setattr__(self, "teacher_sha256", file_sha256(self.teacher_checkpoint))
+
+    @property
+    def teacher_checkpoint_path(self) -> str | None:
+        """The absolute path of ``teacher_checkpoint`` (None without one)."""
+        return os.path.abspath(self.teacher_checkpoint) if self.teacher_checkpoint else None
 
     @property
     def teacher_training_seed(self) -> int:
@@ -51,34 +100,46 @@ class Cell:
         return bool(self.teacher_checkpoint) or bool(self.teacher.options.get("weights"))
 
     def teacher_config(self) -> dict[str, Any]:
-        """What determines the teacher: its data and architecture, and either its checkpoint
-        or its seed, recipe and precision."""
+        """What determines the teacher: its data and architecture, and either its checkpoint's
+        content (SHA-256; the path where it is missing) or its seed, recipe and precision. The
+        same file by another path is the same teacher; a changed file is another."""
         config: dict[str, Any] = {"dataset": self.dataset.to_dict(),
                                   "model": self.teacher.to_dict()}
-        if self.teacher_checkpoint:
+        if self.teacher_sha256:
+            config["checkpoint_sha256"] = self.teacher_sha256
+        elif self.teacher_checkpoint:
             config["checkpoint"] = self.teacher_checkpoint
         elif not self.teacher_is_pretrained:
             config.update(seed=self.teacher_training_seed, recipe=self.teacher_recipe.to_dict(),
                           precision=self.precision)
         return config
 
-    def config(self) -> dict[str, Any]:
-        """The fully resolved config (method options with their defaults filled in)."""
+    def _identifying_config(self) -> dict[str, Any]:
+        """:meth:`config` without what does not identify the cell (the checkpoint's path)."""
         return {"dataset": self.dataset.to_dict(), "student": self.student.to_dict(),
                 "method": self.method, "method_config": self.method_config, "seed": self.seed,
                 "recipe": self.recipe.to_dict(), "precision": self.precision,
                 "teacher": self.teacher_config()}
 
+    def config(self) -> dict[str, Any]:
+        """The fully resolved config (method options with their defaults filled in), as the
+        cell's config.json holds it; a teacher checkpoint appears by content (SHA-256) and,
+        for information, by its absolute path."""
+        config = self._identifying_config()
+        if self.teacher_sha256:
+            config["teacher"]["checkpoint"] = self.teacher_checkpoint_path
+        return config
+
     @property
     def cell_id(self) -> str:
-        """Stable id: the hash of :meth:`config`."""
-        return config_hash(self.config())
+        """Stable id: the hash of :meth:`config` less the checkpoint's path."""
+        return config_hash(self._identifying_config())
 
     def setting(self) -> dict[str, Any]:
-        """What the cell runs with except its seed: :meth:`config` without the seed (a teacher
-        trained with the cell's own seed is marked so). Cells with equal settings are
-        repetitions of one configuration over seeds."""
-        config = self.config()
+        """What the cell runs with except its seed: :meth:`config` without the seed nor the
+        checkpoint's path (a teacher trained with the cell's own seed is marked so). Cells with
+        equal settings are repetitions of one configuration over seeds."""
+        config = self._identifying_config()
         del config["seed"]
         if config["teacher"].get("seed") is not None and self.teacher_seed is None:
             config["teacher"]["seed"] = "the cell's seed"
@@ -89,10 +150,14 @@ class Cell:
         names, seed, epochs, the method's complete options, the swept values, and the hashes
         of the cell (``cell_id``), of its setting (``config_id``: the same for every seed)
         and of what its method is compared under (``setting_id``: the setting less the
-        method, shared with the ``student`` baseline of the same run)."""
+        method, shared with the ``student`` baseline of the same run). A cell whose teacher
+        is a checkpoint also names it: its absolute path and its SHA-256."""
         setting = self.setting()
         compared_under = {k: v for k, v in setting.items()
                           if k not in ("method", "method_config")}
+        teacher_file = {"teacher_checkpoint": self.teacher_checkpoint_path,
+                        "teacher_sha256": self.teacher_sha256}
+        teacher_file = {k: v for k, v in teacher_file.items() if v is not None}
         return {"grid": self.grid, "dataset": self.dataset.label,
                 "teacher": self.teacher.label, "student": self.student.label,
                 "method": self.method, "seed": self.seed, "epochs": self.recipe.epochs,
@@ -100,7 +165,7 @@ class Cell:
                 "config_id": config_hash(setting), "setting_id": config_hash(compared_under),
                 "options": json.dumps(self.method_config, sort_keys=True),
                 "config": json.dumps(setting, sort_keys=True, default=str),
-                **dict(self.params)}
+                **teacher_file, **dict(self.params)}
 
 
 def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = None,

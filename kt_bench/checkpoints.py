@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from kt_bench import atomic
-from kt_bench.errors import KtBenchError, first_line
+from kt_bench.errors import KtBenchError, UnwritableFileError, first_line
 
 Log = Callable[[str], None]
 
@@ -28,6 +31,43 @@ class DamagedFileError(KtBenchError):
     """A file that reads but does not hold what it should."""
 
 
+class UnsafeFileError(KtBenchError):
+    """A file that holds more than plain data (tensors, numbers, strings, lists, dicts): loading
+    it could run code, so it is not loaded. The message says what it would need."""
+
+
+#: What a file may hold to load (torch.load with weights_only=True).
+PLAIN = "tensors, numbers, strings, lists and dicts"
+
+
+def refusal_reason(exc: pickle.UnpicklingError) -> str:
+    """Why torch's weights-only loader refused a file, in one line (its own message runs over
+    several and suggests loading the file unsafely)."""
+    text = str(exc)
+    needed = re.search(r"GLOBAL ([\w.]+)", text)
+    if needed:
+        return f"it needs {needed.group(1)} to load; kt-bench loads only {PLAIN}, never code"
+    operation = re.search(r"Unsupported operand (\d+)", text)
+    if operation:
+        return (f"it is not plain data (pickle operation {operation.group(1)} is not allowed; "
+                f"kt-bench loads only {PLAIN})")
+    return f"it is not plain data (kt-bench loads only {PLAIN})"
+
+
+def load_plain(file: str | os.PathLike | IO[bytes]) -> Any:
+    """What ``torch.save`` wrote to ``file`` (a path or a binary file), on the CPU, read
+    without running any code from it: only tensors, numbers, strings, lists, tuples, sets and
+    dicts load; anything else is an :class:`UnsafeFileError`. OSErrors (a missing file, one
+    that may not be read) pass through."""
+    try:
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of files it did not write itself
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeFileError(refusal_reason(exc)) from None
+
+
 def previous_path(path: Path) -> Path:
     """Where the previous copy of checkpoint ``path`` is kept (``checkpoint.prev.pt``)."""
     return path.with_name(f"{path.stem}.prev{path.suffix}")
@@ -37,7 +77,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically; the file it replaces becomes the previous copy.
     At every instant at least one of the two is complete."""
     if path.exists():
-        os.replace(path, previous_path(path))
+        try:
+            os.replace(path, previous_path(path))
+        except OSError as exc:
+            raise UnwritableFileError(f"cannot write {previous_path(path)}: "
+                                      f"{exc.strerror or first_line(exc)}") from None
     atomic.torch_save(path, state)
 
 
@@ -47,17 +91,32 @@ def remove_checkpoint(path: Path) -> None:
     previous_path(path).unlink(missing_ok=True)
 
 
+#: The log files this process could not append to (each is named once on stderr).
+_unwritable_logs: set[Path] = set()
+
+
 def log_beside(path: Path) -> Log:
-    """A log that prints each line to stderr and appends it to ``log.txt`` beside ``path``."""
+    """A log that prints each line to stderr and appends it to ``log.txt`` beside ``path``. A
+    log file that cannot be written (another user's, a full disk) is named once on stderr and
+    the lines go to stderr alone."""
+    log_file = path.parent / "log.txt"
+
     def log(line: str) -> None:
         tqdm.write(f"kt-bench: {line}", file=sys.stderr)
-        with open(path.parent / "log.txt", "a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        try:
+            with open(log_file, "a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        except OSError as exc:
+            if log_file not in _unwritable_logs:
+                _unwritable_logs.add(log_file)
+                tqdm.write(f"kt-bench: warning: cannot append to {log_file}: "
+                           f"{exc.strerror or first_line(exc)}; its lines go to stderr only",
+                           file=sys.stderr)
     return log
 
 
 def _read(path: Path, required_keys: Sequence[str]) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_plain(path)
     if not isinstance(state, dict):
         raise DamagedFileError(f"holds a {type(state).__name__}, not a checkpoint")
     missing = [k for k in required_keys if k not in state]
@@ -80,14 +139,19 @@ def load_checkpoint(path: Path, required_keys: Sequence[str], log: Log,
     """The state in checkpoint ``path``, else in its previous copy, else None. A file that
     cannot be read, lacks one of ``required_keys`` or that ``apply`` rejects (e.g. weights
     that do not fit the model) is moved aside and named in ``log``, ending with what happens
-    next (``otherwise`` once no copy is left). With several processes, only the ``main`` one
-    moves files and logs; the others reach the same verdict on the same files."""
+    next (``otherwise`` once no copy is left). A file that holds more than plain data counts
+    as damaged (:func:`load_plain`). A file this user may not read is no damage: it stays where
+    it is, and an :class:`~kt_bench.errors.UnreadableFileError` names it. With several
+    processes, only the ``main`` one moves files and logs; the others reach the same verdict on
+    the same files."""
     candidates = [p for p in (path, previous_path(path)) if p.exists()]
     for i, candidate in enumerate(candidates):
         try:
             state = _read(candidate, required_keys)
             if apply is not None:
                 apply(state)
+        except PermissionError:  # someone else's file: not ours to replace
+            raise atomic.unreadable(candidate) from None
         except Exception as exc:  # noqa: BLE001 - whatever is wrong, the file is unusable
             if main:
                 then = (f"trying {candidates[i + 1].name}" if i + 1 < len(candidates)

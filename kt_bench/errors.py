@@ -17,6 +17,16 @@ class PluginError(KtBenchError):
     """A plugin that cannot be loaded or registers a duplicate name; the message names the file."""
 
 
+class UnreadableFileError(KtBenchError):
+    """A file that exists but that kt-bench may not read (permission denied). It is no sign of
+    damage: the file is left where it is, and the message names it and says why."""
+
+
+class UnwritableFileError(KtBenchError):
+    """A file kt-bench could not write (disk full, an I/O error, no permission); the message
+    names it and the system's reason. The file as it was before is left in place."""
+
+
 def first_line(exc: BaseException) -> str:
     """``exc`` as one line: a kt-bench error's message as it is; any other exception's type
     and the first line of its message (the type alone when the message is empty)."""

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from torch import nn
 
 from kt_bench import atomic
 from kt_bench.cells import Cell, config_hash
-from kt_bench.checkpoints import load_checkpoint, log_beside, remove_checkpoint
+from kt_bench.checkpoints import (
+    UnsafeFileError,
+    load_checkpoint,
+    load_plain,
+    log_beside,
+    remove_checkpoint,
+)
 from kt_bench.data.bundle import DataBundle
 from kt_bench.engine import evaluate, train
 from kt_bench.errors import KtBenchError, first_line
@@ -25,15 +32,38 @@ def teacher_path(cache_dir: Path, cell: Cell) -> Path:
     return cache_dir / f"{cell.teacher.name}-{config_hash(cell.teacher_config())}.pt"
 
 
-def load_state(model: nn.Module, checkpoint: str) -> None:
+def _teacher_file(checkpoint: str, sha256: str | None) -> bytes:
+    """The bytes of the user's teacher file ``checkpoint``, checked against ``sha256`` (its
+    content when the cells were planned) where given."""
+    try:
+        blob = Path(checkpoint).read_bytes()
+    except FileNotFoundError:
+        raise KtBenchError(f"teacher checkpoint {checkpoint} does not exist") from None
+    except PermissionError:
+        raise atomic.unreadable(checkpoint) from None
+    except OSError as exc:
+        raise KtBenchError(f"teacher checkpoint {checkpoint} cannot be read: "
+                           f"{exc.strerror or first_line(exc)}") from None
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise KtBenchError(f"teacher checkpoint {checkpoint} changed after its cells were "
+                           f"planned (SHA-256 {sha256[:12]}...); run again to plan cells for "
+                           "the file as it is now")
+    return blob
+
+
+def load_state(model: nn.Module, checkpoint: str, sha256: str | None = None) -> None:
     """Load a user's checkpoint into ``model``: a state dict, or a dict holding one under
     ``model``, ``state_dict`` or ``net``, named as kt-bench names the weights or as
     RepDistiller's published teachers do (kt_bench.reference_checkpoints); a mismatch is a
-    one-line error."""
+    one-line error. The file is read without running code from it: one that holds more than
+    plain data is refused in one line. With ``sha256``, the file must still have that
+    content."""
+    blob = _teacher_file(checkpoint, sha256)
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise KtBenchError(f"teacher checkpoint {checkpoint} does not exist") from None
+        state = load_plain(io.BytesIO(blob))
+    except UnsafeFileError as exc:
+        raise KtBenchError(f"teacher checkpoint {checkpoint} cannot be read: {exc} (a file "
+                           "of the model's state_dict() loads)") from None
     except Exception as exc:  # noqa: BLE001 - a broken file is one line
         raise KtBenchError(f"teacher checkpoint {checkpoint} cannot be read: "
                            f"{first_line(exc)}") from None
@@ -78,7 +108,9 @@ def get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
 def _load_cached(cell: Cell, data: DataBundle, accelerator: Accelerator,
                  path: Path) -> tuple[nn.Module, dict] | None:
     """The cached teacher at ``path`` and its metrics; None when there is none, or when it is
-    damaged (then it is moved aside, and named on stderr and in the cache's log.txt)."""
+    damaged or holds more than plain data (then it is moved aside, and named on stderr and in
+    the cache's log.txt). A cache file this user may not read is an
+    :class:`~kt_bench.errors.UnreadableFileError`, and stays as it is."""
     if not path.exists():
         return None
     model = build_model(cell.teacher, data.num_classes, data.in_channels)
@@ -102,7 +134,7 @@ def _get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
     model = build_model(cell.teacher, data.num_classes, data.in_channels)
     if cell.teacher_is_pretrained:
         if cell.teacher_checkpoint:
-            load_state(model, cell.teacher_checkpoint)
+            load_state(model, cell.teacher_checkpoint, cell.teacher_sha256)
         model = model.to(accelerator.device)
         metrics = evaluate(accelerator, model, data, cell.teacher_recipe.eval_batch_size)
         if accelerator.is_main_process:

@@ -1,11 +1,14 @@
-"""``cifar10`` and ``cifar100`` through torchvision's loaders (downloaded when missing)."""
+"""``cifar10`` and ``cifar100`` through torchvision's loaders (downloaded when missing); their
+pickled files are read as plain data, so a crafted file runs no code."""
 
 from __future__ import annotations
 
 import functools
 import os
 import pickle
+from typing import Any
 
+import numpy as np
 import torch
 
 from kt_bench.data.augment import random_crop_flip
@@ -18,28 +21,103 @@ from kt_bench.data.bundle import (
     register_dataset,
 )
 from kt_bench.data.bundle import data_root as resolve_data_root
-from kt_bench.errors import KtBenchError
+from kt_bench.errors import KtBenchError, first_line
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data only (dicts, lists, tuples, strings, bytes, numbers)
+    and the globals in ``allowed``; any other global is refused, so the file runs no code."""
+
+    def __init__(self, file, allowed: dict[tuple[str, str], Any]) -> None:
+        super().__init__(file, encoding="latin1")  # the files were written by Python 2
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The allowed global ``module.name``; an UnpicklingError for any other."""
+        try:
+            return self._allowed[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}") from None
+
+
+def _array_globals() -> dict[tuple[str, str], Any]:
+    """The globals a pickled numpy array refers to (numpy 1 and 2 name its module apart), and
+    the bytes of a protocol-2 pickle: building an array this way runs no code of the file's."""
+    import codecs
+
+    core = getattr(np, "_core", None) or np.core
+    rebuild = core.multiarray._reconstruct
+    return {("numpy.core.multiarray", "_reconstruct"): rebuild,
+            ("numpy._core.multiarray", "_reconstruct"): rebuild,
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): codecs.encode}
+
+
+def read_pickle(path: str, arrays: bool = False) -> dict[str, Any]:
+    """The dict pickled in the CIFAR file ``path``, unpickled without running code from it:
+    plain data only, and numpy arrays where ``arrays``. Anything else, or a damaged file, is a
+    one-line error naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            obj = _PlainUnpickler(fh, _array_globals() if arrays else {}).load()
+    except pickle.UnpicklingError as exc:
+        raise KtBenchError(f"{path} cannot be read: {exc}; kt-bench reads only plain data "
+                           "from it (dicts, lists, strings, numbers"
+                           f"{', arrays' if arrays else ''}), never code") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged or unreadable file is one line
+        raise KtBenchError(f"{path} cannot be read: {first_line(exc)}") from None
+    if not isinstance(obj, dict):
+        raise KtBenchError(f"{path} holds a {type(obj).__name__}, not a dict of CIFAR data")
+    return obj
+
+
+def _field(batch: dict[str, Any], keys: tuple[str, ...], path: str) -> Any:
+    """The first of ``keys`` in the CIFAR ``batch`` read from ``path``."""
+    for key in keys:
+        if key in batch:
+            return batch[key]
+    raise KtBenchError(f"{path} is not a CIFAR file: it has no {' nor '.join(keys)}")
 
 
 def _present(cls) -> type:
-    """``cls`` accepting an extracted folder whose files are all present.
+    """``cls`` accepting an extracted folder whose files are all present, and reading them
+    without running code from them (:func:`read_pickle`).
 
     torchvision checks each extracted file's MD5 at every load; a download is still checked
     against the archive's MD5 by torchvision itself. Files present are trusted, so a user's own
     copy (or a test's small files in the same format) loads.
     """
+    from torchvision.datasets import VisionDataset
 
     class Present(cls):
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            # cls's own __init__ would unpickle the files with pickle.load
+            VisionDataset.__init__(self, root)
+            self.train = train
+            if download:
+                self.download()
+            if not self._check_integrity():
+                raise RuntimeError("Dataset not found or corrupted. You can use download=True "
+                                   "to download it")
+            data, self.targets = [], []
+            for name, _ in self.train_list if train else self.test_list:
+                path = self._file(name)
+                batch = read_pickle(path, arrays=True)
+                data.append(np.asarray(_field(batch, ("data",), path), dtype=np.uint8))
+                self.targets.extend(_field(batch, ("labels", "fine_labels"), path))
+            self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+            self._load_meta()
+
+        def _file(self, name: str) -> str:
+            return os.path.join(self.root, self.base_folder, name)
+
         def _check_integrity(self) -> bool:
-            folder = os.path.join(self.root, self.base_folder)
-            return all(os.path.isfile(os.path.join(folder, f))
+            return all(os.path.isfile(self._file(f))
                        for f, _ in (*self.train_list, *self.test_list))
 
         def _load_meta(self) -> None:
-            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-            with open(path, "rb") as fh:
-                meta = pickle.load(fh, encoding="latin1")
-            self.classes = meta[self.meta["key"]]
+            path = self._file(self.meta["filename"])
+            self.classes = _field(read_pickle(path), (self.meta["key"],), path)
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     Present.__name__ = cls.__name__

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
+
 from torch import nn
 
+from kt_bench.errors import KtBenchError
 from kt_bench.models.zoo import register_model
 
 _RESNET_TAPS = {
@@ -16,11 +19,29 @@ _RESNET_TAPS = {
 }
 
 
+def _weights(name: str, weights: str) -> dict:
+    """torchvision's ``weights`` for model ``name``, read as plain data from torch's download
+    cache (torchvision's own loader would unpickle the cached file in full, running any code
+    in it)."""
+    import torchvision
+
+    chosen = torchvision.models.get_model_weights(name).verify(weights)
+    try:
+        return chosen.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        from kt_bench.checkpoints import refusal_reason
+
+        raise KtBenchError(f"torchvision weights {chosen} (torch's download cache) cannot be "
+                           f"read: {refusal_reason(exc)}") from None
+
+
 def _register_resnet(name: str) -> None:
     def build(num_classes: int, in_channels: int = 3, weights: str | None = None) -> nn.Module:
         import torchvision
 
-        model = getattr(torchvision.models, name)(weights=weights)
+        model = getattr(torchvision.models, name)()
+        if weights:
+            model.load_state_dict(_weights(name, weights))
         if model.fc.out_features != num_classes:
             model.fc = nn.Linear(model.fc.in_features, num_classes)
         if in_channels != 3:
