@@ -6,6 +6,9 @@ Every error names the file and the key, and says what is accepted.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import os
 import re
 import sys
 import typing
@@ -100,6 +103,12 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (UTF-8); accepted: a grid file in TOML"
+                          ) from None
+    except OSError as exc:  # a folder, no permission to read
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or first_line(exc)}; "
+                          "accepted: a grid file in TOML") from None
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,7 @@ class Grid:
         signature (names and types) and the seeds."""
         try:
             self._check_specs()
+            self._check_data()
             self._check_methods()
         except KtBenchError as exc:
             raise type(exc)(f"{self.source}: {exc}") from None
@@ -240,6 +250,38 @@ class Grid:
                 _check_spec(MODELS.get(model.name), model, "model", f"pairs[{i}].{role}",
                             ("num_classes", "in_channels"))
 
+    def _batch_sizes(self) -> list[tuple[str, int]]:
+        """Every training batch size of the grid with its key: the students' recipes and,
+        where some teacher is trained, the teachers'."""
+        sizes = [("recipe.batch_size", self.recipe.batch_size)]
+        sizes += [(f"pairs[{i}].recipe.batch_size", p.recipe.batch_size)
+                  for i, p in enumerate(self.pairs) if p.recipe is not None]
+        if any(not p.teacher_checkpoint and not p.teacher.options.get("weights")
+               for p in self.pairs):
+            sizes.append(("teacher_recipe.batch_size", self.teacher_recipe.batch_size))
+        return sizes
+
+    def _check_data(self) -> None:
+        """Every dataset's images and training set checked against what training needs: a
+        positive ``image_size`` whose images fit in memory, and batch sizes no larger than
+        the training set (each known from the dataset's spec, before any data is loaded)."""
+        from kt_bench.data.bundle import DATASET_INFO, dataset_info
+
+        for i, d in enumerate(self.datasets):
+            if d.name not in DATASET_INFO:  # a plugin dataset that describes nothing
+                continue
+            info = dataset_info(d)
+            if info.n_train < 2:  # BatchNorm needs two samples a batch
+                raise ConfigError(f"datasets[{i}]: {d.label} has {info.n_train} training "
+                                  "images; accepted: a dataset of at least 2")
+            _check_image_size(d, info, f"datasets[{i}]", self._batch_sizes(),
+                              self.recipe.eval_batch_size)
+            for key, size in self._batch_sizes():
+                if size > info.n_train:
+                    raise ConfigError(f"{key} = {size} is more than the {info.n_train} "
+                                      f"training images of {d.label}; accepted: an integer "
+                                      f"in [2, {info.n_train}]")
+
     def _check_methods(self) -> None:
         """Every method (and every swept value) configured for every pair."""
         for pair in self.pairs:
@@ -250,6 +292,38 @@ class Grid:
                 member, _, option = key.partition(".")
                 for value in values:
                     _method_config(member, merge_options(options, {member: {option: value}}))
+
+
+def physical_memory() -> float:
+    """This machine's memory in bytes; infinite where the system does not say."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return math.inf
+
+
+def _check_image_size(dataset: Spec, info: Any, where: str, batch_sizes: list[tuple[str, int]],
+                      eval_batch_size: int) -> None:
+    """``info.image_size`` of ``dataset`` checked to be >= 1 and small enough that the images
+    held at once fit in this machine's memory as float32: the whole training set of a
+    dataset kept in memory, the largest batch of one streamed from disk."""
+    from kt_bench.data.bundle import holds_in_memory
+
+    size = info.image_size
+    if size < 1:
+        raise ConfigError(f"{where}.image_size = {size} is invalid; accepted: an integer >= 1")
+    if holds_in_memory(dataset.name):
+        held, what = info.n_train, "training images"
+    else:
+        held, what = max([eval_batch_size, *(b for _, b in batch_sizes)]), "images of a batch"
+    per_pixel = held * info.in_channels * 4
+    memory = physical_memory()
+    if per_pixel * size * size > memory:
+        largest = math.isqrt(int(memory // per_pixel))
+        raise ConfigError(f"{where}.image_size = {size} is too large: its {held} {what} would "
+                          f"take {per_pixel * size * size / 1e9:.0f} GB, more than this "
+                          f"machine's {memory / 1e9:.0f} GB of memory; accepted: an integer in "
+                          f"[1, {largest}]")
 
 
 def _check_spec(builder: Any, spec: Spec, kind: str, where: str, fixed: tuple[str, ...]
@@ -341,6 +415,40 @@ def _method_options(table: Any, where: str) -> dict[str, dict[str, Any]]:
     if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
         raise ConfigError(f"{where} must hold one table per method name")
     return {k: dict(v) for k, v in table.items()}
+
+
+def _run_names(methods: list[str]) -> list[str]:
+    """The names a method-options table may take for a grid running ``methods``: each method
+    and each member of a combination (``kd+nst_poly``: also ``kd`` and ``nst_poly``)."""
+    names = [part.strip() for m in methods for part in (m, *m.split("+"))]
+    return unique([n for n in names if n])
+
+
+def _is_registered(name: str) -> bool:
+    """Whether ``name`` is a registered method or a combination of registered methods (kept
+    in a grid file for a run whose ``--methods`` names it, as ``demo`` does for ``ab``)."""
+    from kt_bench.method import METHODS
+
+    parts = [p.strip() for p in name.split("+")]
+    return all(p in METHODS for p in parts)
+
+
+def check_option_tables(options: Mapping[str, Any], methods: list[str], where: str) -> None:
+    """A one-line ConfigError for a table of ``options`` (at ``where``, e.g. ``grid.toml:
+    method_options``) that names neither one of ``methods`` (the grid file's own; a member of
+    a combination counts) nor a registered method: a misspelt name that would be ignored."""
+    from kt_bench.method import METHODS
+
+    known = _run_names(methods)
+    for name in options:
+        if name in known or _is_registered(name):
+            continue
+        hint = (difflib.get_close_matches(name, known, n=1)
+                or difflib.get_close_matches(name, METHODS.names(), n=1))
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"{where}.{name} is for a method the grid does not run and no "
+                          f"registered one{did_you_mean}; the grid's methods: "
+                          f"{', '.join(methods)}")
 
 
 def _pair(p: Any, where: str) -> Pair:
@@ -437,6 +545,10 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
             pairs[i] = dataclasses.replace(pair, recipe=own)
     teacher_recipe = _teacher_recipe(table.get("teacher_recipe", {}), recipe, source)
     options = _method_options(table.get("method_options", {}), f"{source}: method_options")
+    methods = _list_of(table, "methods", source, str)
+    check_option_tables(options, methods, f"{source}: method_options")
+    for i, pair in enumerate(pairs):
+        check_option_tables(pair.method_options, methods, f"{source}: pairs[{i}].method_options")
     teacher_seed = table.get("teacher_seed")
     if teacher_seed is not None and (not isinstance(teacher_seed, int)
                                      or isinstance(teacher_seed, bool) or teacher_seed < 0):
@@ -447,7 +559,7 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
         description=str(table.get("description", "")),
         datasets=datasets,
         pairs=pairs,
-        methods=_list_of(table, "methods", source, str),
+        methods=methods,
         seeds=unique(_list_of(table, "seeds", source, int)) if "seeds" in table else [0],
         recipe=recipe,
         teacher_recipe=teacher_recipe,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +14,9 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from kt_bench.errors import first_line  # noqa: E402
 from kt_bench.report import BASELINE, param_columns  # noqa: E402
+from kt_bench.rows import warn_once  # noqa: E402
 
 
 def _save(fig, folder: Path, name: str) -> list[Path]:
@@ -69,14 +72,43 @@ def accuracy_plot(summary: pd.DataFrame, folder: Path) -> list[Path]:
     return _save(fig, folder, "accuracy")
 
 
+#: The figures of an epoch in ``metrics.jsonl`` that the curves plot.
+CURVE_FIELDS = ("epoch", "top1", "loss")
+
+
+def _epochs(path: Path) -> list[dict] | None:
+    """The epochs recorded in ``path`` (a cell's ``metrics.jsonl``), each with a number for
+    every one of :data:`CURVE_FIELDS`; None when the file cannot be read or holds anything
+    else (its curve is left out, with a warning)."""
+    try:
+        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()
+                 if x.strip()]
+    except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8
+        warn_once(f"{path} cannot be read ({first_line(exc)}); its curve is left out")
+        return None
+    for line in lines:
+        if not isinstance(line, dict) or not all(_is_number(line.get(k)) for k in CURVE_FIELDS):
+            warn_once(f"{path} is damaged (a line without a number for each of "
+                      f"{', '.join(CURVE_FIELDS)}); its curve is left out")
+            return None
+    return [{k: line[k] for k in CURVE_FIELDS} for line in lines]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _history(out: Path, cell_ids) -> pd.DataFrame:
+    """The epochs of the cells ``cell_ids`` that have a readable ``metrics.jsonl``."""
     frames = []
     for cid in cell_ids:
         path = out / "cells" / cid / "metrics.jsonl"
-        if path.exists():
-            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-            frames.append(pd.DataFrame(lines).assign(cell_id=cid))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        epochs = _epochs(path) if os.path.lexists(path) else None
+        if epochs:
+            frames.append(pd.DataFrame(epochs).assign(cell_id=cid))
+    if not frames:
+        return pd.DataFrame(columns=[*CURVE_FIELDS, "cell_id"])
+    return pd.concat(frames, ignore_index=True)
 
 
 def curves_plot(rows: pd.DataFrame, out: Path, folder: Path) -> list[Path]:
@@ -128,10 +160,13 @@ def cost_plot(summary: pd.DataFrame, folder: Path) -> list[Path]:
 
 
 def sensitivity_plots(summary: pd.DataFrame, folder: Path) -> list[Path]:
-    """For each swept parameter: top-1 (mean ± std) against its value, one line per method."""
+    """For each swept parameter with numbers for values: top-1 (mean ± std) against its
+    value, one line per method."""
     paths = []
     for param in param_columns(summary):
         swept = summary[summary[param].notna()]
+        if pd.to_numeric(swept[param], errors="coerce").isna().any():
+            continue  # names or lists: no axis to plot them on
         groups = _groups(swept)
         fig, axes = _grid(len(groups), min(2, len(groups)))
         for ax, (name, g) in zip(axes, groups, strict=False):

@@ -126,12 +126,87 @@ class _Networks:
         return {**{t: known[t] for t in wanted}, LOGITS: known[LOGITS]}
 
 
-def _probe_one(cell: Cell, networks: _Networks) -> str | None:
+def check_teacher_checkpoints(cells: list[Cell]) -> list[str]:
+    """Load each teacher checkpoint of ``cells`` (``--teacher-checkpoint``, a pair's own, a
+    published one) into its teacher's architecture, built for the cell's dataset, as a run
+    would; one line per checkpoint that is missing, is no checkpoint or does not fit."""
+    from kt_bench.teachers import load_state
+
+    networks = _Networks()
+    seen: set[str] = set()
+    problems: dict[str, None] = {}
+    for cell in cells:
+        if not cell.teacher_checkpoint:
+            continue
+        key = json.dumps([cell.teacher_checkpoint, cell.teacher.to_dict(),
+                          cell.dataset.to_dict()], sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            model = networks.model(cell.teacher, cell.dataset)[1]
+            load_state(model, cell.teacher_checkpoint, cell.teacher_sha256)
+        except _BuildFailed:
+            continue  # the probe names it
+        except KtBenchError as exc:
+            problems[f"{exc} (teacher {cell.teacher.label} for {cell.dataset.label})"] = None
+    return list(problems)
+
+
+#: Image sizes tried on a model that fails on a dataset's, to tell whether the size is why.
+_OTHER_SIZES = (32, 64, 224)
+
+
+def _size_problem(spec: Spec, dataset: Spec, networks: _Networks,
+                  exc: Exception) -> str | None:
+    """The line for model ``spec`` failing (with ``exc``) on ``dataset``'s probe batch when
+    it runs on images of another size: the dataset's ``image_size`` does not suit it. None
+    when it fails on those too (not the size's fault)."""
+    from kt_bench.data import dataset_info
+    from kt_bench.engine import tap_shapes
+
+    info = dataset_info(dataset)
+    model = networks.model(spec, dataset)[1]
+    for size in (s for s in _OTHER_SIZES if s != info.image_size):
+        try:
+            tap_shapes(model, (), torch.zeros(2, info.in_channels, size, size))
+        except Exception:  # noqa: BLE001 - any failure: try the next size
+            continue
+        n = info.image_size
+        return (f"dataset {dataset.label}: image_size = {n} does not suit model {spec.label}, "
+                f"which runs on {size}x{size} images but not on {n}x{n} ({first_line(exc)})")
+    return None
+
+
+def _forward_problem(cell: Cell, networks: _Networks, seen: dict[str, str | None]
+                     ) -> str | None:
+    """A line naming ``image_size`` when the cell's student or teacher cannot run on the
+    dataset's probe batch for the size of its images; None otherwise (other failures are
+    reported by the method's probe). ``seen`` keeps the answer per network and dataset."""
+    for spec in (cell.student, cell.teacher):
+        key = json.dumps([spec.to_dict(), cell.dataset.to_dict()], sort_keys=True)
+        if key not in seen:
+            try:
+                networks.tap_shapes(spec, cell.dataset, ())
+                seen[key] = None
+            except _BuildFailed:
+                seen[key] = None  # the method's probe names it
+            except Exception as exc:  # noqa: BLE001 - a model may raise anything
+                seen[key] = _size_problem(spec, cell.dataset, networks, exc)
+        if seen[key]:
+            return seen[key]
+    return None
+
+
+def _probe_one(cell: Cell, networks: _Networks, sizes: dict[str, str | None]) -> str | None:
     """Build ``cell``'s method and networks and set the method up on a probe batch as
     :func:`kt_bench.engine.setup_method` does; the failure as one line naming the method and
     the pair, or None."""
     from kt_bench.method import NotApplicable, build_method
 
+    size_problem = _forward_problem(cell, networks, sizes)
+    if size_problem:
+        return size_problem
     try:
         networks.tap_shapes(cell.student, cell.dataset, ())  # the student's forward works
         method = build_method(cell.method, cell.method_config)
@@ -155,10 +230,12 @@ def _probe_one(cell: Cell, networks: _Networks) -> str | None:
 
 def probe_cells(cells: list[Cell]) -> list[str]:
     """Build every distinct (dataset, teacher, student, method configuration) of ``cells``
-    and set its method up on a probe batch, as training would; one line per failure (a tap
-    a model lacks, a plugin whose constructor or setup raises), each once."""
+    and set its method up on a probe batch, as training would; one line per failure (a
+    network that cannot take the dataset's image_size, a tap a model lacks, a plugin whose
+    constructor or setup raises), each once."""
     networks = _Networks()
     seen: set[str] = set()
+    sizes: dict[str, str | None] = {}
     problems: dict[str, None] = {}
     with one_thread():
         for cell in cells:
@@ -167,7 +244,7 @@ def probe_cells(cells: list[Cell]) -> list[str]:
             if key in seen:
                 continue
             seen.add(key)
-            line = _probe_one(cell, networks)
+            line = _probe_one(cell, networks, sizes)
             if line is not None:
                 problems[line] = None
     return list(problems)

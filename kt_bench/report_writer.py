@@ -19,6 +19,9 @@ from kt_bench.report import (
 )
 from kt_bench.rows import read_rows
 
+#: What the tables of a report without usable rows say.
+NO_RESULTS = "(no results)"
+
 
 def precision_text(rows: pd.DataFrame) -> str:
     """The precisions the rows trained in, with their cell counts (``bf16 autocast (24
@@ -37,13 +40,18 @@ def write_report(out: Path, rows: pd.DataFrame | None = None) -> Path:
     summary = summarise(rows, load_reference())
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    long_md = display_table(summary).to_markdown(index=False)
-    pivot_md = markdown_pivot(summary)
+    if summary.empty:  # every row left out (named in warnings) or none finished
+        long_md = pivot_md = latex = NO_RESULTS
+    else:
+        long_md = display_table(summary).to_markdown(index=False)
+        pivot_md = markdown_pivot(summary)
+        latex = latex_pivot(summary)
     atomic.write_text(folder / "table.md", pivot_md + "\n\n" + long_md + "\n")
-    atomic.write_text(folder / "table.tex", latex_pivot(summary) + "\n")
+    atomic.write_text(folder / "table.tex", latex + "\n")
     atomic.write_text(folder / "summary.csv", summary.to_csv(index=False))
-    plots = [*accuracy_plot(summary, folder), *curves_plot(rows, out, folder),
-             *cost_plot(summary, folder), *sensitivity_plots(summary, folder)]
+    plots = [] if summary.empty else [
+        *accuracy_plot(summary, folder), *curves_plot(rows, out, folder),
+        *cost_plot(summary, folder), *sensitivity_plots(summary, folder)]
     pngs = [p for p in plots if p.suffix == ".png"]
     counts = rows["status"].value_counts().to_dict()
     grids = ", ".join(sorted(map(str, rows["grid"].dropna().unique())))

@@ -12,31 +12,39 @@ import pandas as pd
 from kt_bench import atomic
 from kt_bench.cells import Cell
 from kt_bench.checkpoints import previous_path
-from kt_bench.errors import KtBenchError
+from kt_bench.errors import KtBenchError, UnreadableFileError
 from kt_bench.locks import FileLock, holder
-from kt_bench.rows import read_row
+from kt_bench.rows import DamagedRowError, load_row, warn_once
 
 MANIFEST = "manifest.json"
 #: A cell's state when it has no row yet.
 RUNNING, INTERRUPTED, PENDING = "running", "interrupted", "pending"
+#: A cell whose row this process may not read (another user's): left to its owner.
+UNREADABLE = "unreadable"
 
 
 def write_manifest(out: Path, cells: list[Cell]) -> None:
     """Add ``cells`` to ``out/manifest.json`` (the cells asked for in this folder), so that
     cells not started yet show as pending."""
     with FileLock(out / ".manifest.lock"):
-        known = _read_manifest(out, "rewritten")
+        known = _read_manifest(out, "rewritten", "status finds the cells by their config.json")
+        if known is None:  # another user's: not replaced
+            return
         known.update({c.cell_id: c.identity() for c in cells})
         atomic.write_json(out / MANIFEST, known)
 
 
-def _read_manifest(out: Path, then: str) -> dict[str, dict[str, Any]]:
+def _read_manifest(out: Path, then: str, unreadable: str) -> dict[str, dict[str, Any]] | None:
     """The cells of ``out/manifest.json``; none (with a warning saying ``then``) when it is
-    damaged."""
+    damaged; None (with a warning saying ``unreadable``) when this user may not read it."""
     path = out / MANIFEST
     if not path.exists():
         return {}
-    known = atomic.read_json(path)
+    try:
+        known = atomic.read_json(path)
+    except UnreadableFileError as exc:
+        warn_once(f"{exc}; {unreadable}")
+        return None
     if not isinstance(known, dict):
         print(f"kt-bench: warning: {path} is damaged (not a JSON object); {then}",
               file=sys.stderr)
@@ -46,7 +54,10 @@ def _read_manifest(out: Path, then: str) -> dict[str, dict[str, Any]]:
 
 def _identity_from_config(cell_dir: Path) -> dict[str, Any]:
     """What a cell's ``config.json`` says of it; its id alone when that file is damaged."""
-    cfg = atomic.read_json(cell_dir / "config.json")
+    try:
+        cfg = atomic.read_json(cell_dir / "config.json")
+    except UnreadableFileError:  # the cell is shown by its id
+        cfg = None
     info: dict[str, Any] = {"cell_id": cell_dir.name}
     if isinstance(cfg, dict):
         recipe = cfg.get("recipe")
@@ -56,14 +67,37 @@ def _identity_from_config(cell_dir: Path) -> dict[str, Any]:
 
 
 def _epochs_done(cell_dir: Path) -> int:
-    metrics = cell_dir / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    """The lines of the cell's ``metrics.jsonl`` (one per epoch); 0 when it cannot be read."""
+    try:
+        return len((cell_dir / "metrics.jsonl").read_bytes().splitlines())
+    except OSError:  # missing, a folder, or not ours to read
+        return 0
+
+
+def _holder(lock: Path) -> str | None:
+    """Who holds ``lock``; None also when it cannot be looked at (not ours to open)."""
+    try:
+        return holder(lock)
+    except OSError:
+        return None
+
+
+def _row_state(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The row in ``path`` and, where there is none to show, why: "" (no file), "damaged"
+    or "unreadable"."""
+    try:
+        return load_row(path), ""
+    except DamagedRowError:
+        return None, "damaged"
+    except UnreadableFileError:
+        return None, UNREADABLE
 
 
 def cell_states(out: Path) -> pd.DataFrame:
     """One row per cell of ``out``: its identity, state (a row's status, or running,
     interrupted, pending), epochs done and, while running, who runs it."""
-    known = _read_manifest(out, "shown from the cells' config.json files")
+    then = "shown from the cells' config.json files"
+    known = _read_manifest(out, then, then) or {}
     for cfg_path in sorted((out / "cells").glob("*/config.json")):
         if cfg_path.parent.name not in known:
             known[cfg_path.parent.name] = _identity_from_config(cfg_path.parent)
@@ -75,11 +109,13 @@ def cell_states(out: Path) -> pd.DataFrame:
         cell_dir = out / "cells" / cell_id
         row = dict(info)
         row["done"] = _epochs_done(cell_dir)
-        who = holder(cell_dir / "lock")
-        result = read_row(cell_dir / "result.json")
+        who = _holder(cell_dir / "lock")
+        result, trouble = _row_state(cell_dir / "result.json")
         checkpoint = cell_dir / "checkpoint.pt"
         if who is not None:
             row.update(state=RUNNING, where=who.rsplit(" ", 1)[0])
+        elif trouble == UNREADABLE:
+            row.update(state=UNREADABLE, error="result.json cannot be read; left to its owner")
         elif result is not None:
             row.update(state=result["status"], error=result.get("error", ""),
                        top1=result.get("top1"))
@@ -87,7 +123,7 @@ def cell_states(out: Path) -> pd.DataFrame:
             row["state"] = INTERRUPTED
         else:
             row["state"] = PENDING
-        if result is None and (cell_dir / "result.json").exists():
+        if trouble == "damaged":
             row["error"] = "result.json is damaged; a run redoes the cell"
         rows.append(row)
     return pd.DataFrame(rows)
@@ -125,7 +161,7 @@ def format_status(states: pd.DataFrame) -> str:
             notes.append("")
     table["note"] = notes
     counts = states["state"].value_counts()
-    order = ["ok", "diverged", "failed", "oom", RUNNING, INTERRUPTED, PENDING]
+    order = ["ok", "diverged", "failed", "oom", RUNNING, INTERRUPTED, PENDING, UNREADABLE]
     order += sorted(set(counts.index) - set(order))
     summary = ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
     return (tabulate(table.values.tolist(), headers=list(table.columns), tablefmt="simple",

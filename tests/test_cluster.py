@@ -189,10 +189,16 @@ def test_status_shows_each_cells_state(tmp_path, capsys):
     dirs = [tmp_path / "cells" / c.cell_id for c in cells]
     for d in dirs[:4]:
         d.mkdir(parents=True)
-    (dirs[0] / "result.json").write_text(json.dumps({"status": "ok", "top1": 90.0}))
+
+    def row(cell, **outcome) -> str:  # as the runner writes it: the identity, then the outcome
+        return json.dumps({**cell.identity(), "world_size": 1, **outcome})
+
+    (dirs[0] / "result.json").write_text(row(
+        cells[0], status="ok", error="", top1=90.0, top5=99.0, top1_best=90.0,
+        teacher_top1=91.0, wall_s=1.0, images_per_s=10.0))
     (dirs[0] / "metrics.jsonl").write_text("{}\n" * 12)
-    (dirs[1] / "result.json").write_text(json.dumps({"status": "failed",
-                                                     "error": "RuntimeError: boom"}))
+    (dirs[1] / "result.json").write_text(row(cells[1], status="failed",
+                                             error="RuntimeError: boom"))
     (dirs[2] / "checkpoint.pt").write_bytes(b"")
     (dirs[2] / "metrics.jsonl").write_text("{}\n" * 5)
     lock = FileLock(dirs[3] / "lock")

@@ -9,6 +9,7 @@ order fixed by (seed, epoch) and split over processes.
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,6 +279,17 @@ def register_dataset(name: str, info: Callable[..., DatasetInfo]) -> Callable:
         return builder
 
     return wrap
+
+
+def holds_in_memory(name: str) -> bool:
+    """Whether the dataset ``name`` holds its splits in memory (its builder returns
+    :class:`TensorData`) rather than streaming them from disk; False where its builder does
+    not say."""
+    try:
+        returns = typing.get_type_hints(DATASETS.get(name)).get("return")
+    except Exception:  # noqa: BLE001 - a plugin's odd annotation: not known to be in memory
+        return False
+    return isinstance(returns, type) and issubclass(returns, TensorData)
 
 
 def load_dataset(spec: Spec | str, data_root: str | None = None) -> DataBundle:
