@@ -73,7 +73,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _apply_overrides(grid, args: argparse.Namespace):
     """``grid`` with --methods, --epochs and --seeds applied to every part of it."""
     methods = None
-    if args.methods:
+    if args.methods is not None:  # given, even if empty: "" is no list of methods
         from kt_bench.method import METHODS, split_method_name
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -87,7 +87,7 @@ def _apply_overrides(grid, args: argparse.Namespace):
             split_method_name(m)  # an unknown name is the flag's error, not the grid file's
     if args.epochs is not None and args.epochs < 1:
         raise KtBenchError(f"--epochs must be >= 1, got {args.epochs}")
-    seeds = _int_list(args.seeds, "--seeds") if args.seeds else None
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds is not None else None
     if seeds is not None and min(seeds) < 0:
         raise KtBenchError(f"--seeds takes integers >= 0, got '{args.seeds}'")
     return grid.overridden(methods, args.epochs, seeds)
@@ -104,11 +104,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kt_bench.plugins import load_plugins
     from kt_bench.precision import resolve_precision
     from kt_bench.probe import check_writable
-    from kt_bench.rows import write_results_csv
+    from kt_bench.rows import forget_warnings, write_results_csv
     from kt_bench.runner import run_cells
     from kt_bench.startup import CLOCK
     from kt_bench.status import write_manifest
 
+    forget_warnings()
     load_plugins(args.plugins)
     CLOCK.mark("imports")
     precision = resolve_precision(args.precision, args.device)
@@ -122,11 +123,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_published_teachers(cells, args.teachers_dir)
     out = Path(args.out) if args.out else Path("results") / grid.name
     out_flag = "--out folder" if args.out else "output folder"
-    if args.dry_run:
-        return _dry_run(cells, out, out_flag)
-    check_writable(out, out_flag)
-    log_with = None if args.log_with in (None, "none") else args.log_with
     teacher_cache = Path(args.teacher_cache) if args.teacher_cache else out / "teachers"
+    cache_flag = "--teacher-cache folder" if args.teacher_cache else "teacher cache folder"
+    cells = _without_unreadable_rows(cells, out)
+    if args.dry_run:
+        return _dry_run(cells, out, out_flag, teacher_cache, cache_flag)
+    check_writable(out, out_flag)
+    check_writable(teacher_cache, cache_flag)
+    log_with = None if args.log_with in (None, "none") else args.log_with
     if args.launcher:
         return _run_as_jobs(args, grid, cells, out, teacher_cache, precision, log_with)
     accelerator = make_accelerator(args.device, precision, log_with,
@@ -161,25 +165,52 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _report_startup(clock, out: Path) -> None:
     """Print where the run's time went before its first step and keep it in
-    ``<out>/startup.json`` (seconds of each phase)."""
+    ``<out>/startup.json`` (seconds of each phase; a file that cannot be written is a line
+    on stderr, and the run goes on)."""
     from tqdm.auto import tqdm
 
     from kt_bench import atomic
 
     tqdm.write(clock.summary())
-    atomic.write_json(out / "startup.json", {
-        "phases": [{"phase": p, "seconds": t} for p, t in clock.phases().items()],
-        "first_step_s": clock.elapsed})
+    try:
+        atomic.write_json(out / "startup.json", {
+            "phases": [{"phase": p, "seconds": t} for p, t in clock.phases().items()],
+            "first_step_s": clock.elapsed})
+    except (KtBenchError, OSError) as exc:  # the timing alone is lost, not the cells training
+        line = str(exc) if isinstance(exc, KtBenchError) else _os_error_line(exc)
+        tqdm.write(f"kt-bench: startup.json not written: {line}", file=sys.stderr)
 
 
-def _dry_run(cells: list, out: Path, out_flag: str) -> int:
-    """List the cells with a GPU-hour estimate, then build and set up every method and
-    model on a probe batch; 2 (each problem a line on stderr) if any fails."""
-    from kt_bench.probe import check_could_write, one_thread, probe_cells
+def _without_unreadable_rows(cells: list, out: Path) -> list:
+    """``cells`` less those whose row in ``out`` this user may not read (another user's):
+    each is named in a line on stderr and left to the file's owner, neither run nor moved."""
+    from kt_bench.rows import unreadable_row
+
+    kept = []
+    for cell in cells:
+        error = unreadable_row(out, cell.cell_id)
+        if error is None:
+            kept.append(cell)
+        else:
+            print(f"kt-bench: warning: {error}; its cell is left to the file's owner",
+                  file=sys.stderr)
+    if cells and not kept:
+        raise KtBenchError(f"every selected cell has a row in {out} that cannot be read "
+                           "(named above); nothing to run")
+    return kept
+
+
+def _dry_run(cells: list, out: Path, out_flag: str, teacher_cache: Path,
+             cache_flag: str) -> int:
+    """List the cells with a GPU-hour estimate, then load every teacher checkpoint and build
+    and set up every method and model on a probe batch; 2 (each problem a line on stderr)
+    if any fails."""
+    from kt_bench.probe import check_could_write, check_teacher_checkpoints, one_thread, probe_cells
 
     check_could_write(out, out_flag)
+    check_could_write(teacher_cache, cache_flag)
     with one_thread():
-        problems = probe_cells(cells)
+        problems = check_teacher_checkpoints(cells) + probe_cells(cells)
         _print_plan(cells, out, estimate=not problems)
     for line in problems:
         print(f"kt-bench: error: {line}", file=sys.stderr)
@@ -259,26 +290,36 @@ def _run_as_jobs(args: argparse.Namespace, grid, cells, out: Path, teacher_cache
 
 
 def _print_results(df: pd.DataFrame, out: Path, args: argparse.Namespace) -> int:
-    """Print the comparison table, write the report; 1 if a cell did not finish ok."""
+    """Print the comparison table, write the report; 1 if a cell did not finish ok or the
+    report could not be written (one line on stderr; the table and the rows stand)."""
     from kt_bench.report import comparison_table
     from kt_bench.report_writer import write_report
 
     print()
     print(comparison_table(df))
-    report = write_report(out) if not args.no_report else None
+    report, unwritten = None, None
+    if not args.no_report:
+        try:
+            report = write_report(out)
+        except (KtBenchError, OSError) as exc:  # the table and the rows stand without it
+            unwritten = str(exc) if isinstance(exc, KtBenchError) else _os_error_line(exc)
     print(f"\nrows: {out / 'results.csv'}" + (f"; report: {report}" if report else ""))
+    if unwritten:
+        print(f"kt-bench: the report was not written: {unwritten}", file=sys.stderr)
     bad = df[~df["status"].isin(["ok", "n/a"])]  # n/a: the method does not apply, as published
     if not bad.empty:
         names = ", ".join(f"{r.method} seed {r.seed} ({r.status})" for r in bad.itertuples())
         print(f"kt-bench: {len(bad)} cell(s) did not finish ok: {names}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if unwritten else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show done, running, interrupted, pending and failed cells of a run folder."""
+    from kt_bench.rows import forget_warnings
     from kt_bench.status import cell_states, format_status
 
+    forget_warnings()
     print(format_status(cell_states(Path(args.dir))))
     return 0
 
@@ -288,8 +329,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from kt_bench.probe import check_writable
     from kt_bench.report import comparison_table
     from kt_bench.report_writer import write_report
-    from kt_bench.rows import write_results_csv
+    from kt_bench.rows import forget_warnings, write_results_csv
 
+    forget_warnings()
     out = Path(args.dir)
     if not list((out / "cells").glob("*/result.json")):
         raise KtBenchError(f"{out} holds no results (no cells/*/result.json); give a run's "
@@ -331,19 +373,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Measure training images/s of a plain loop, the engine solo and the cohort."""
     import json
 
-    from kt_bench.bench import BenchConfig, format_result, run_bench
+    from kt_bench.bench import BenchConfig, expand_methods, format_result, run_bench
     from kt_bench.engine import check_device_and_precision
     from kt_bench.method import build_method
     from kt_bench.plugins import load_plugins
     from kt_bench.precision import resolve_precision
 
     load_plugins(args.plugins)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = expand_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+    if not methods:
+        raise KtBenchError("--methods needs at least one method name")
     for m in methods:
         build_method(m)
     for flag in ("batch_size", "steps", "repeats"):
         if getattr(args, flag) < 1:
             raise KtBenchError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        raise KtBenchError("--warmup must be >= 0")
     precisions = []
     for p in (p.strip() for p in args.precision.split(",") if p.strip()):
         resolved = resolve_precision(p, args.device)
@@ -441,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--teacher", default="resnet56")
     p_bench.add_argument("--student", default="resnet20")
     p_bench.add_argument("--methods", default=",".join(DEMO_METHODS),
-                         help="comma-separated methods (default: the 8 demo methods)")
+                         help="comma-separated methods, 'all' for every registered one "
+                              "(default: the 8 demo methods); an initialisation stage (AB, "
+                              "FT, FSP) is skipped: methods are timed in their main stage")
     p_bench.add_argument("--dataset", help="a uint8 image dataset (cifar10, cifar100) instead "
                                            "of random CIFAR-shaped data")
     p_bench.add_argument("--batch-size", type=int, default=64)
@@ -478,13 +526,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kt-bench`` console script."""
+    """Entry point of the ``kt-bench`` console script: 0 done, 1 a cell or the report did not
+    finish, 2 an error (one line on stderr), 130 interrupted (Ctrl-C), 143 terminated
+    (SIGTERM; in ``run``, which stops as on Ctrl-C, keeping what is done)."""
+    from kt_bench.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _dispatch(args)
     except KtBenchError as exc:
         print(f"kt-bench: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file kt-bench could not read or write, with the system's reason
+        print(f"kt-bench: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        rerun = ": rerun the same command to resume" if args.command == "run" else ""
+        print(f"kt-bench: {how}{rerun}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen command; ``run`` takes SIGTERM as an interrupt while it runs."""
+    from kt_bench.interrupts import sigterm_as_interrupt
+
+    if args.command != "run":
+        return args.func(args)
+    with sigterm_as_interrupt():
+        return args.func(args)
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``exc`` as one line naming its file(s) and the system's reason."""
+    from kt_bench.errors import first_line
+
+    if exc.filename is None:
+        return first_line(exc)
+    files = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
+    return f"{files}: {exc.strerror or first_line(exc)}"
 
 
 if __name__ == "__main__":

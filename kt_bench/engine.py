@@ -30,6 +30,7 @@ from kt_bench.checkpoints import restore_training, save_checkpoint
 from kt_bench.config import Recipe
 from kt_bench.data.bundle import DataBundle, derived_seed
 from kt_bench.errors import KtBenchError, first_line
+from kt_bench.interrupts import cell_failure
 from kt_bench.method import INIT, MAIN, Batch, Method
 from kt_bench.models import build_model
 from kt_bench.precision import PRECISIONS
@@ -45,8 +46,9 @@ class DivergedError(KtBenchError):
 
 
 def check_device_and_precision(device: str, precision: str) -> None:
-    """Raise a one-line error for what the accelerator would refuse: an unknown device or
-    precision (``precision`` already resolved from ``auto``), or CUDA where there is none."""
+    """Raise a one-line error for what the accelerator would refuse or not really run: an
+    unknown device or precision (``precision`` already resolved from ``auto``), CUDA where
+    there is none, or fp16 off CUDA."""
     if device not in DEVICES:
         raise KtBenchError(f"unknown device '{device}'; accepted: {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
@@ -54,6 +56,9 @@ def check_device_and_precision(device: str, precision: str) -> None:
                            f"{', '.join(PRECISIONS)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise KtBenchError("--device cuda was asked for, but no CUDA device is available")
+    if precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
+        # Accelerate accepts fp16 on the CPU but runs no autocast there: fp32 under its name
+        raise KtBenchError("--precision fp16 needs a CUDA device; on the CPU use bf16 or no")
 
 
 def make_accelerator(device: str = "auto", precision: str = "no", log_with: str | None = None,
@@ -462,8 +467,9 @@ def train_cohort(
 
     Every student is built, seeded, stepped, evaluated and checkpointed exactly as a solo run
     of its cell would be, so on the CPU each result equals the solo run's bit for bit. A
-    student whose loss diverges or whose method raises is stopped with the error in its
-    result; the others go on. ``checkpoints`` and ``on_epoch`` are per student; a student
+    student whose loss diverges or whose method raises (or calls ``sys.exit()``) is stopped
+    with the error in its result; the others go on. An interrupt (Ctrl-C, SIGTERM, a signal
+    handler's exit) stops them all. ``checkpoints`` and ``on_epoch`` are per student; a student
     resumes from its checkpoint and trains only the epochs it lacks. With trackers on the
     accelerator (``--log-with``), every step's loss terms are logged (one student per run).
     With ``compile``, the students' and the teacher's forward passes go through
@@ -486,8 +492,9 @@ def train_cohort(
         try:
             members.append(_make_member(data, student_spec, m, recipe, seed, accelerator,
                                         teacher, c, cb, compile))
-        except Exception as exc:  # noqa: BLE001 - a student that cannot start stops alone
-            members.append(_Member(m, None, None, None, c, cb, 0.0, error=exc))
+        except BaseException as exc:  # noqa: BLE001 - a student that cannot start stops alone
+            members.append(_Member(m, None, None, None, c, cb, 0.0,
+                                   error=cell_failure(exc, f"method '{m.name}'")))
     if needs_teacher:
         if compile:  # after the members' shape probes, which would each compile it again
             compile_model(teacher)
@@ -522,8 +529,8 @@ def train_cohort(
             for m in active:
                 try:
                     plan.append((m, *_epoch_plan(m, epoch, recipe), {}))
-                except Exception as exc:  # noqa: BLE001 - this student stops, the rest go on
-                    m.error = exc
+                except BaseException as exc:  # noqa: BLE001 - this student stops, the rest go on
+                    m.error = _member_failure(m, exc)
             use_teacher = any(m.method.needs_teacher for m, *_ in plan)
             for m, stage, *_ in plan:
                 m.trainee.train()
@@ -551,8 +558,8 @@ def train_cohort(
                         _step(m, accelerator, x, batch,
                               mine if m.method.needs_teacher else None, weights, ce_weight,
                               sums, epoch * steps + n_steps if logging else None, optimizer)
-                    except Exception as exc:  # noqa: BLE001
-                        m.error = exc
+                    except BaseException as exc:  # noqa: BLE001
+                        m.error = _member_failure(m, exc)
                     m.images += x.shape[0] * world
                 if not CLOCK.done:
                     sync_device(device)
@@ -564,8 +571,8 @@ def train_cohort(
                     try:
                         _end_epoch(m, accelerator, data, recipe, epoch, n_steps, sums, seconds,
                                    steps)
-                    except Exception as exc:  # noqa: BLE001
-                        m.error = exc
+                    except BaseException as exc:  # noqa: BLE001
+                        m.error = _member_failure(m, exc)
             shown = [m.history[-1] for m, *_ in plan if m.error is None and m.history]
             if len(shown) == 1:
                 bar.set_postfix(loss=f"{shown[0]['loss']:.3f}", top1=f"{shown[0]['top1']:.1f}")
@@ -575,10 +582,26 @@ def train_cohort(
             if recorder is not None:
                 recorder.remove()
     wall = time.perf_counter() - started
+    facts = [_facts(m) if m.trainee else {} for m in members]  # first: it may fail one
     return [TrainResult(accelerator.unwrap_model(m.trainee).student if m.trainee else None,
-                        m.history, wall, m.train_s, m.images, m.epoch_s, m.error,
-                        m.method.facts() if m.trainee else {})
-            for m in members]
+                        m.history, wall, m.train_s, m.images, m.epoch_s, m.error, f)
+            for m, f in zip(members, facts, strict=True)]
+
+
+def _member_failure(member: _Member, exc: BaseException) -> BaseException:
+    """The error that stops ``member`` alone (see :func:`cell_failure`; an interrupt is raised
+    again and stops every member)."""
+    return cell_failure(exc, f"method '{member.method.name}'")
+
+
+def _facts(member: _Member) -> dict[str, Any]:
+    """The member's :meth:`Method.facts` (none where they fail, which fails the member if
+    nothing did before)."""
+    try:
+        return member.method.facts()
+    except BaseException as exc:  # noqa: BLE001
+        member.error = member.error or _member_failure(member, exc)
+        return {}
 
 
 def train(

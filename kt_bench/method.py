@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kt_bench.errors import ConfigError, KtBenchError, first_line
+from kt_bench.interrupts import cell_failure
 from kt_bench.registry import Registry
 from kt_bench.spec import plain, resolve_options
 
@@ -334,8 +335,10 @@ def _build_member(name: str, resolved: Mapping[str, Any]) -> Method:
         member = cls(**kwargs)
     except (TypeError, ValueError) as exc:  # a bad option value: the grid's error
         raise ConfigError(f"method '{name}': {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a broken plugin: its cells' error
-        raise MethodBuildError(f"method '{name}' failed to build: {first_line(exc)}") from None
+    except BaseException as exc:  # noqa: BLE001 - a broken plugin: its cells' error
+        # one that calls sys.exit() too; an interrupt is raised again
+        reason = first_line(cell_failure(exc, "it"))
+        raise MethodBuildError(f"method '{name}' failed to build: {reason}") from None
     member.ce_weight = resolved.get("ce_weight")
     member.options = dict(resolved)
     return member

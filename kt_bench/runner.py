@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from kt_bench.data import load_dataset
 from kt_bench.data.bundle import DataBundle
 from kt_bench.engine import DivergedError, TrainResult, train_cohort
 from kt_bench.errors import KtBenchError, first_line
+from kt_bench.interrupts import cell_failure, is_stop, stop_reason
 from kt_bench.locks import FileLock
 from kt_bench.method import Method, NotApplicable, build_method
 from kt_bench.rows import finished_row, result_path, write_results_csv
@@ -27,13 +29,45 @@ from kt_bench.startup import CLOCK
 from kt_bench.teachers import get_teacher
 
 
+class RowsNotKept(KtBenchError):
+    """A cell's row could not be written to its ``result.json``: the grid stops, as no row it
+    went on to make could be kept either."""
+
+
 def _row_identity(cell: Cell, world_size: int) -> dict[str, Any]:
     return {**cell.identity(), "world_size": world_size}
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Within the block, an OSError is the one-line error ``cannot write PATH: reason`` (the
+    writes of :mod:`kt_bench.atomic` raise such errors themselves)."""
+    try:
+        yield
+    except OSError as exc:
+        raise KtBenchError(f"cannot write {path}: {exc.strerror or first_line(exc)}") from None
+
+
 def _log_line(cell_dir: Path, text: str) -> None:
-    with open(cell_dir / "log.txt", "a") as fh:
+    path = cell_dir / "log.txt"
+    with _writing(path), open(path, "a") as fh:
         fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+
+def _log_quietly(cell_dir: Path, text: str) -> None:
+    """Append ``text`` to the cell's log if it can be: for the lines written on the way out
+    (an end, a stop), where the row or the interrupt already says what matters."""
+    with contextlib.suppress(KtBenchError):
+        _log_line(cell_dir, text)
+
+
+def _from_main(accelerator: Accelerator, value: Any) -> Any:
+    """``value`` as the main process has it, on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None,
@@ -57,6 +91,54 @@ def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None
     return row
 
 
+def _start_cells(cells: list[Cell], dirs: list[Path],
+                 accelerator: Accelerator) -> dict[int, BaseException]:
+    """Write each cell's ``config.json`` and the start line of its log; return the cells
+    (by index) whose files cannot be written, with the error that fails them. The main
+    process writes and decides for all."""
+    problems: dict[int, str] = {}
+    if accelerator.is_main_process:
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+        cohort = f" in a cohort of {len(cells)}" if len(cells) > 1 else ""
+        for i, (cell, cell_dir) in enumerate(zip(cells, dirs, strict=True)):
+            try:
+                with _writing(cell_dir / "config.json"):
+                    atomic.write_json(cell_dir / "config.json", cell.config())
+                resume = (" (resuming from checkpoint.pt)"
+                          if (cell_dir / "checkpoint.pt").exists() else "")
+                _log_line(cell_dir, f"start host={socket.gethostname()} pid={os.getpid()}"
+                                    f"{f' job={job}' if job else ''}{cohort}{resume}")
+            except KtBenchError as exc:
+                problems[i] = first_line(exc)
+    return {i: KtBenchError(text) for i, text in _from_main(accelerator, problems).items()}
+
+
+def _build_methods(cells: list[Cell], errors: dict[int, BaseException]) -> dict[int, Method]:
+    """The methods of the cells not failed yet; a plugin that cannot be built (or exits)
+    fails its own cell only, its error added to ``errors``."""
+    built: dict[int, Method] = {}
+    for i, cell in enumerate(cells):
+        if i in errors:
+            continue
+        try:
+            built[i] = build_method(cell.method, cell.method_config)
+        except BaseException as exc:  # noqa: BLE001 - an interrupt is raised again
+            errors[i] = cell_failure(exc, f"method '{cell.method}'")
+    return built
+
+
+def _epoch_logger(cell_dir: Path) -> Callable[[list[dict[str, Any]]], None]:
+    """After each epoch: rewrite the cell's ``metrics.jsonl`` and add a line to its log."""
+    def on_epoch(history: list[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
+        with _writing(cell_dir / "metrics.jsonl"):
+            atomic.write_text(cell_dir / "metrics.jsonl", lines)
+        last = history[-1]
+        _log_line(cell_dir, f"epoch {last['epoch']}: loss {last['loss']:.4f} "
+                            f"top1 {last['top1']:.2f}")
+    return on_epoch
+
+
 def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
               data: DataBundle, compile: bool = False) -> list[dict[str, Any]]:
     """Train cells that differ only in method together (a cohort; one cell is a solo run)
@@ -64,62 +146,38 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
 
     Each cell's folder receives its resolved ``config.json``, ``metrics.jsonl`` (rewritten
     after every epoch), ``log.txt`` (a line per start, epoch and end) and its last
-    ``checkpoint.pt``. ``compile`` runs the networks through ``torch.compile``.
+    ``checkpoint.pt``. A cell whose files cannot be written fails (its row names the file and
+    the reason); the others go on. An interrupt (Ctrl-C, SIGTERM, a preempted job's exit) is
+    logged in each cell's log and raised again: the next run resumes from the checkpoints.
+    ``compile`` runs the networks through ``torch.compile``.
     """
     main = accelerator.is_main_process
     dirs = [out / "cells" / c.cell_id for c in cells]
-    for cell, cell_dir in zip(cells, dirs, strict=True):
-        if main:
-            atomic.write_json(cell_dir / "config.json", cell.config())
-            resume = " (resuming from checkpoint.pt)" if (cell_dir / "checkpoint.pt").exists() \
-                else ""
-            cohort = f" in a cohort of {len(cells)}" if len(cells) > 1 else ""
-            job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
-            _log_line(cell_dir, f"start host={socket.gethostname()} pid={os.getpid()}"
-                                f"{f' job={job}' if job else ''}{cohort}{resume}")
-
-    def logger(cell_dir: Path):
-        def on_epoch(history: list[dict[str, Any]]) -> None:
-            lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
-            atomic.write_text(cell_dir / "metrics.jsonl", lines)
-            last = history[-1]
-            _log_line(cell_dir, f"epoch {last['epoch']}: loss {last['loss']:.4f} "
-                                f"top1 {last['top1']:.2f}")
-        return on_epoch
-
+    errors = _start_cells(cells, dirs, accelerator)
     if accelerator.log_with:  # a run of its own per cell, in <out>/tracking/<cell_id>
         config = {k: v for k, v in cells[0].identity().items() if k != "config"}
         accelerator.init_trackers(cells[0].cell_id, config=config)
     teacher_top1 = None
     try:
-        teacher, t_metrics = get_teacher(cells[0], data, accelerator, teacher_cache)
-        CLOCK.mark("teacher")
-        teacher_top1 = t_metrics["top1"]
-        built: dict[int, Method] = {}
-        errors: dict[int, BaseException] = {}
-        for i, c in enumerate(cells):  # a plugin that cannot be built fails its own cell only
-            try:
-                built[i] = build_method(c.method, c.method_config)
-            except Exception as exc:  # noqa: BLE001
-                errors[i] = exc
         results: dict[int, TrainResult] = {}
-        if built:
-            desc = (f"{cells[0].method} s{cells[0].seed}" if len(cells) == 1
-                    else f"cohort of {len(built)} s{cells[0].seed}")
-            trained = train_cohort(data, cells[0].student, list(built.values()),
-                                   cells[0].recipe, cells[0].seed, accelerator, teacher,
-                                   [dirs[i] / "checkpoint.pt" for i in built], desc,
-                                   [logger(dirs[i]) for i in built], compile)
-            results = dict(zip(built, trained, strict=True))
+        if len(errors) < len(cells):  # else no cell to train: no teacher either
+            teacher, t_metrics = get_teacher(cells[0], data, accelerator, teacher_cache)
+            CLOCK.mark("teacher")
+            teacher_top1 = t_metrics["top1"]
+            results = _train_built(cells, _build_methods(cells, errors), dirs, accelerator,
+                                   data, teacher, compile)
         rows = [_row_for(c, results.get(i), results[i].error if i in results else errors[i],
                          accelerator.num_processes, teacher_top1)
                 for i, c in enumerate(cells)]
-    except (KeyboardInterrupt, SystemExit):  # stopped (e.g. a preempted job): resumable
-        if main:
-            for cell_dir in dirs:
-                _log_line(cell_dir, "stopped; a new run resumes from checkpoint.pt")
-        raise
-    except Exception as exc:  # noqa: BLE001 - failed cells are recorded and the grid goes on
+    except BaseException as exc:  # noqa: BLE001 - an interrupt is raised again
+        if is_stop(exc):  # resumable: every finished epoch is in a checkpoint
+            if main:
+                why = stop_reason(exc)
+                for cell_dir in dirs:
+                    _log_quietly(cell_dir, f"stopped{f' {why}' if why else ''}; a new run "
+                                           "resumes from checkpoint.pt")
+            raise
+        # failed cells are recorded and the grid goes on
         rows = [_row_for(c, None, exc, accelerator.num_processes, teacher_top1) for c in cells]
     finally:
         # finish this cell's trackers (end_training would also end a distributed run)
@@ -128,8 +186,23 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
         accelerator.trackers.clear()
     if main:
         for row, cell_dir in zip(rows, dirs, strict=True):
-            _log_line(cell_dir, f"end status={row['status']} {row.get('error', '')}".rstrip())
+            _log_quietly(cell_dir, f"end status={row['status']} {row.get('error', '')}".rstrip())
     return rows
+
+
+def _train_built(cells: list[Cell], built: dict[int, Method], dirs: list[Path],
+                 accelerator: Accelerator, data: DataBundle, teacher: torch.nn.Module | None,
+                 compile: bool) -> dict[int, TrainResult]:
+    """Train the ``built`` methods' students as one cohort; their results by cell index."""
+    if not built:
+        return {}
+    desc = (f"{cells[0].method} s{cells[0].seed}" if len(cells) == 1
+            else f"cohort of {len(built)} s{cells[0].seed}")
+    trained = train_cohort(data, cells[0].student, list(built.values()), cells[0].recipe,
+                           cells[0].seed, accelerator, teacher,
+                           [dirs[i] / "checkpoint.pt" for i in built], desc,
+                           [_epoch_logger(dirs[i]) for i in built], compile)
+    return dict(zip(built, trained, strict=True))
 
 
 def cohort_key(cell: Cell) -> str:
@@ -160,6 +233,8 @@ def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     """Run every cell not finished yet; return the rows of ``cells`` (old and new) in order.
 
     A cell whose row exists with status ok or diverged is skipped; a failed cell is run again.
+    A row that cannot be written to its ``result.json`` is passed to ``on_row`` as a failed
+    row naming the file and the reason, and then :class:`RowsNotKept` stops the grid.
     With ``cohort``, cells that differ only in method train together (one teacher pass per
     batch for all of them); tracking (``--log-with``) runs cells one at a time. Each cell is
     locked while it runs: a cell another runner holds is left for later and waited for, so
@@ -184,10 +259,14 @@ def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
                 record(i, row)
             try:
                 if mine:
-                    new = _run_cells_now([c for _, c in mine], out, accelerator, teacher_cache,
-                                         data_root, datasets, compile)
+                    new, problem = _run_cells_now([c for _, c in mine], out, accelerator,
+                                                  teacher_cache, data_root, datasets, compile)
                     for (i, _), row in zip(mine, new, strict=True):
                         record(i, row)
+                    if problem:
+                        raise RowsNotKept(f"{problem}; the grid stopped here, as its rows "
+                                          "cannot be kept: rerun the same command once that "
+                                          "is fixed")
             finally:
                 for lock in locks:
                     lock.release()
@@ -227,9 +306,10 @@ def _claim(group: list[tuple[int, Cell]], out: Path, accelerator: Accelerator):
 
 def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
                    data_root: str | None, datasets: dict[str, DataBundle],
-                   compile: bool) -> list[dict]:
+                   compile: bool) -> tuple[list[dict], str | None]:
     """Run ``cells`` (one cohort) and write their rows; a cohort that runs out of GPU memory
-    is run again one cell at a time (each resuming from its checkpoint)."""
+    is run again one cell at a time (each resuming from its checkpoint). Returns the rows and,
+    if one could not be written, why (on every process)."""
     key = json.dumps(cells[0].dataset.to_dict(), sort_keys=True)
     try:
         if key not in datasets:
@@ -244,8 +324,27 @@ def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teach
             torch.cuda.empty_cache()
             rows = [run_group([c], out, accelerator, teacher_cache, datasets[key], compile)[0]
                     if r["status"] == "oom" else r for c, r in zip(cells, rows, strict=True)]
+    problem = None
     if accelerator.is_main_process:
-        for cell, row in zip(cells, rows, strict=True):
-            atomic.write_json(result_path(out, cell.cell_id), row)
+        rows, problem = _keep_rows(out, cells, rows)
         write_results_csv(out)
-    return rows
+    return rows, _from_main(accelerator, problem)
+
+
+def _keep_rows(out: Path, cells: list[Cell],
+               rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """Write each row to its cell's ``result.json``. A row that cannot be written comes back
+    failed, its error naming the file and the reason; the first such reason comes with them."""
+    kept, problem = [], None
+    for cell, row in zip(cells, rows, strict=True):
+        path = result_path(out, cell.cell_id)
+        try:
+            with _writing(path):
+                atomic.write_json(path, row)
+        except KtBenchError as exc:
+            reason = first_line(exc)
+            _log_quietly(path.parent, f"row not kept: {reason}")
+            row = {**row, "status": "failed", "error": reason}
+            problem = problem or reason
+        kept.append(row)
+    return kept, problem

@@ -137,3 +137,26 @@ def test_a_combination_casts_only_the_member_that_asks():
         combined.terms({"feat": x}, {"feat": x}, None)
     first, second = combined.members
     assert first.seen == [(torch.float32, False)] and second.seen == [(torch.bfloat16, True)]
+
+
+FP16_OFF_CUDA = "kt-bench: error: --precision fp16 needs a CUDA device; on the CPU use bf16 or no\n"
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_fp16_off_cuda_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, device,
+                                                       dry_run):
+    """Accelerate takes fp16 on the CPU but runs no autocast there: the rows would say fp16
+    of numbers that are fp32's, bit for bit."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    code = main(["run", "--grid", str(write_tiny_grid(tmp_path)), "--out", str(out),
+                 "--device", device, "--precision", "fp16", *(["--dry-run"] if dry_run else [])])
+    assert code == 2 and capsys.readouterr().err == FP16_OFF_CUDA
+    assert not out.exists()
+
+
+def test_fp16_off_cuda_is_refused_by_bench_too(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["bench", "--device", "cpu", "--precision", "no,fp16", "--methods", "kd"])
+    assert code == 2 and capsys.readouterr().err == FP16_OFF_CUDA
