@@ -4,9 +4,13 @@ the bare-model limit, in every precision asked for (fp32 and bf16 by default).
 
 (a) *plain*: the loop the common reference repositories write: a DataLoader with worker
 processes applying torchvision's per-image transforms (PIL crop with padding, flip, to tensor,
-normalise), the teacher's forward under ``no_grad``, the student's forward, the method's loss,
-backward and step, one method after another. (b) *solo*: the kt-bench engine, one method
-after another. (c) *cohort*: the engine training all methods' students in one pass.
+normalise), the teacher's forward without gradients, the student's forward, the method's loss,
+backward and step, one method after another; the method is set up and given each step's batch
+(labels, sample indices, epoch, seed) as the engine does, so every method can be timed.
+(b) *solo*: the kt-bench engine, one method after another. (c) *cohort*: the engine training
+all methods' students in one pass. A method with an initialisation stage (AB, FT, FSP) is
+timed in its main stage, the one a run spends nearly all its epochs in: all three loops skip
+the initialisation stage.
 Each is timed per epoch; the first ``warmup`` epochs are dropped and the fastest of the rest
 is used (other work on the machine only ever adds time, so the fastest epoch is the least
 disturbed one, and every figure is taken the same way). The *bare-model limit* is the teacher's
@@ -29,20 +33,25 @@ import torch.nn.functional as F
 
 from kt_bench.config import Recipe
 from kt_bench.data.augment import random_crop_flip
-from kt_bench.data.bundle import Split, TensorData, channel_stats, load_dataset
+from kt_bench.data.bundle import Split, TensorData, channel_stats, derived_seed, load_dataset
 from kt_bench.engine import (
+    Trainee,
+    base_ce_weight,
+    batch_statistics_teacher,
     channels_last,
     compile_model,
     in_layout,
     make_accelerator,
+    setup_method,
     sync_device,
-    tap_shapes,
+    teacher_taps,
+    total_loss,
     train,
     train_cohort,
     training_memory_format,
 )
 from kt_bench.errors import KtBenchError
-from kt_bench.method import build_method
+from kt_bench.method import MAIN, METHODS, Batch, Method, build_method
 from kt_bench.models import build_model
 from kt_bench.precision import PRECISION_NAMES
 from kt_bench.spec import Spec
@@ -74,6 +83,36 @@ class BenchConfig:
     startup: bool = True
 
 
+def bench_method(name: str) -> Method:
+    """Method ``name`` as the bench times it: its main stage only. An initialisation stage
+    (AB's, FT's, FSP's ``init_epochs``) is skipped in all three loops, so every timed epoch is
+    one of the main stage, the stage a run spends nearly all its epochs in."""
+    method = build_method(name)
+    for part in method.modules():  # a combination's members too
+        if isinstance(part, Method):
+            part.init_epochs = 0
+    return method
+
+
+def initialising_methods(names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` whose method has an initialisation stage (which the bench skips)."""
+    return [m for m in names if build_method(m).init_epochs]
+
+
+def expand_methods(names: list[str]) -> tuple[str, ...]:
+    """``names`` with ``all`` replaced by every registered method (each name once)."""
+    if "all" in names and "all" not in METHODS:
+        at = names.index("all")
+        names = [*names[:at], *METHODS.names(), *names[at + 1:]]
+    return tuple(dict.fromkeys(names))
+
+
+def bench_recipe(cfg: BenchConfig) -> Recipe:
+    """The recipe of every loop: ``warmup + repeats`` epochs at a constant rate."""
+    return Recipe(epochs=cfg.warmup + cfg.repeats, batch_size=cfg.batch_size, lr=0.05,
+                  schedule="constant", eval_batch_size=64)
+
+
 def random_cifar(n: int, num_classes: int = 10, seed: int = 0) -> TensorData:
     """``n`` random uint8 32x32 RGB images with CIFAR's augmentation."""
     gen = torch.Generator().manual_seed(seed)
@@ -86,7 +125,9 @@ def random_cifar(n: int, num_classes: int = 10, seed: int = 0) -> TensorData:
 
 
 class _PILDataset(torch.utils.data.Dataset):
-    """uint8 images served the torchvision way: PIL image, per-image transforms."""
+    """uint8 images served the torchvision way: PIL image, per-image transforms; each item
+    (image, label, index), the index for methods that read it (CRD), as RepDistiller's
+    instance-sampling datasets serve it."""
 
     def __init__(self, data: TensorData) -> None:
         from torchvision import transforms as T
@@ -103,7 +144,7 @@ class _PILDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i], i
 
 
 def _epoch_seconds(seconds: list[float], warmup: int) -> float:
@@ -111,46 +152,73 @@ def _epoch_seconds(seconds: list[float], warmup: int) -> float:
     return min(seconds[warmup:] or seconds)
 
 
+class _PlainTeacher:
+    """The teacher a method reads in the plain loop: the frozen one, or for a method with
+    ``teacher_batch_statistics`` (OFD) the engine's train-mode copy instead, with a recorder of
+    the method's taps."""
+
+    def __init__(self, teacher: torch.nn.Module, method: Method) -> None:
+        if method.teacher_batch_statistics:
+            teacher = batch_statistics_teacher(teacher)
+        self.model = teacher
+        self.recorder = TapRecorder(teacher, teacher.tap_map, method.taps)
+
+    def taps(self, x: torch.Tensor, accelerator) -> dict[str, torch.Tensor]:
+        """The teacher's taps on ``x``, as the engine takes them."""
+        return teacher_taps(self.model, self.recorder, x, accelerator)
+
+
+def _plain_trainee(cfg: BenchConfig, data: TensorData, method: Method, teacher: torch.nn.Module
+                   ) -> Trainee:
+    """The student and ``method``, the method set up as the engine sets it up (the training
+    labels, the teacher, the taps' shapes), in the default memory layout of a reference loop."""
+    student = build_model(cfg.student, data.num_classes)
+    if method.needs_teacher:
+        method.setup_data(data.train_labels(), data.num_classes)
+        setup_method(method, student, teacher, data.probe())
+    return Trainee(student, method)
+
+
+def _plain_loader(cfg: BenchConfig, data: TensorData, device: torch.device, workers: int
+                  ) -> torch.utils.data.DataLoader:
+    """The reference loop's DataLoader: shuffled (image, label, index) batches."""
+    return torch.utils.data.DataLoader(_PILDataset(data), batch_size=cfg.batch_size,
+                                       shuffle=True, num_workers=workers, drop_last=True,
+                                       pin_memory=device.type == "cuda")
+
+
 def plain_loop(cfg: BenchConfig, data: TensorData, method_name: str, accelerator,
                workers: int) -> list[float]:
-    """Epoch times of the reference-style loop for one method (forward passes under the
-    accelerator's autocast, as a reference loop given the same precision would run them)."""
+    """Epoch times of the reference-style loop for one method in its main stage (forward
+    passes under the accelerator's autocast, as a reference loop given the same precision
+    would run them). The method is set up, weighted and given each step's :class:`Batch`
+    (labels, indices, epoch, seed) as the engine does; only the loop around it is the
+    reference repositories'."""
     device = accelerator.device
+    recipe = bench_recipe(cfg)
+    epochs = recipe.epochs
     torch.manual_seed(0)
-    teacher = build_model(cfg.teacher, data.num_classes).to(device).eval()
-    student = build_model(cfg.student, data.num_classes).to(device)
-    method = build_method(method_name)
-    t_rec = None
-    if method.needs_teacher:
-        probe = data.probe().to(device)
-        method.setup(tap_shapes(student, method.taps, probe),
-                     tap_shapes(teacher, method.taps, probe))
-        t_rec = TapRecorder(teacher, teacher.tap_map, method.taps)
-    method.to(device)
-    s_rec = TapRecorder(student, student.tap_map, method.taps)
-    params = list(student.parameters()) + list(method.parameters())
-    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    loader = torch.utils.data.DataLoader(_PILDataset(data), batch_size=cfg.batch_size,
-                                         shuffle=True, num_workers=workers, drop_last=True,
-                                         pin_memory=device.type == "cuda")
-    weights = method.term_weights(0, 1)
+    teacher = build_model(cfg.teacher, data.num_classes).to(device).eval().requires_grad_(False)
+    method = bench_method(method_name)
+    trainee = _plain_trainee(cfg, data, method, teacher).to(device)
+    taught = _PlainTeacher(teacher, method) if method.needs_teacher else None
+    opt = torch.optim.SGD(trainee.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                          nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    loader = _plain_loader(cfg, data, device, workers)
     times = []
-    for _ in range(cfg.warmup + cfg.repeats):
-        student.train()
-        method.train()
+    for epoch in range(epochs):
+        trainee.train()
+        weights = method.term_weights(epoch, epochs)
+        ce_weight = base_ce_weight(method, recipe) * method.ce_scale(epoch, epochs)
         t0 = time.perf_counter()
-        for x, y in loader:
+        for step, (x, y, idx) in enumerate(loader, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            t_taps = None
-            if t_rec is not None:
-                with torch.no_grad(), accelerator.autocast():
-                    t_taps = t_rec.collect(teacher(x))
+            # the step's seed from the engine's stream of them, for seed 0
+            batch = Batch(y, epoch, epochs, idx.to(device), MAIN, derived_seed(0, 5, epoch, step))
+            t_taps = taught.taps(x, accelerator) if taught is not None else None
             with accelerator.autocast():
-                s_taps = s_rec.collect(student(x))
-                loss = F.cross_entropy(s_taps["logits"].float(), y)
-                if t_taps is not None:
-                    terms = method.terms(s_taps, t_taps, None)
-                    loss = loss + sum(w * terms[k] for k, w in weights.items() if w)
+                logits, terms = trainee(x, t_taps, batch)
+                loss = total_loss(logits, y, terms, weights, ce_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -281,7 +349,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                               "methods": list(cfg.methods), "batch_size": cfg.batch_size,
                               "images_per_epoch": cfg.batch_size * cfg.steps,
                               "workers": workers, "compile": cfg.compile,
-                              "precisions": [PRECISION_NAMES[p] for p in cfg.precisions]}
+                              "precisions": [PRECISION_NAMES[p] for p in cfg.precisions],
+                              "main_stage_only": initialising_methods(cfg.methods)}
     runs = {}
     for precision in cfg.precisions:
         runs[PRECISION_NAMES[precision]] = measure_precision(cfg, data, precision, workers)
@@ -310,8 +379,7 @@ def measure_precision(cfg: BenchConfig, data: TensorData, precision: str,
     accelerator = make_accelerator(cfg.device, precision)
     device = accelerator.device
     n = cfg.batch_size * cfg.steps
-    recipe = Recipe(epochs=cfg.warmup + cfg.repeats, batch_size=cfg.batch_size, lr=0.05,
-                    schedule="constant", eval_batch_size=64)
+    recipe = bench_recipe(cfg)
     student, teacher_spec = Spec(cfg.student), Spec(cfg.teacher)
     teacher = build_model(teacher_spec, data.num_classes)
     k = len(cfg.methods)
@@ -324,15 +392,17 @@ def measure_precision(cfg: BenchConfig, data: TensorData, precision: str,
     result["plain_peak_mem_mb"] = _peak_mb(device)
 
     _reset_peak(device)
-    solo_t = [_epoch_seconds(train(data, student, build_method(m), recipe, 0, accelerator,
+    solo_t = [_epoch_seconds(train(data, student, bench_method(m), recipe, 0, accelerator,
                                     teacher, desc=f"solo {m}", compile=cfg.compile).epoch_s,
                               cfg.warmup)
               for m in cfg.methods]
     result["solo_ips"] = k * n / sum(solo_t)
+    result["method_ips"] = {m: {"plain": n / p, "solo": n / s}
+                            for m, p, s in zip(cfg.methods, plain_t, solo_t, strict=True)}
     result["solo_peak_mem_mb"] = _peak_mb(device)
 
     _reset_peak(device)
-    cohort = train_cohort(data, student, [build_method(m) for m in cfg.methods], recipe, 0,
+    cohort = train_cohort(data, student, [bench_method(m) for m in cfg.methods], recipe, 0,
                           accelerator, teacher, desc="cohort", compile=cfg.compile)
     errors = [r.error for r in cohort if r.error is not None]
     if errors:
@@ -425,6 +495,16 @@ def _run_rows(r: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def _method_table(method_ips: dict[str, dict[str, float]]) -> str:
+    """Each method's images/s in the plain loop and the engine solo."""
+    from tabulate import tabulate
+
+    rows = [[m, f"{v['plain']:.1f}", f"{v['solo']:.1f}", f"{v['solo'] / v['plain']:.2f}"]
+            for m, v in method_ips.items()]
+    return tabulate(rows, headers=["method", "plain images/s", "solo images/s", "solo vs plain"],
+                    tablefmt="github", disable_numparse=True)
+
+
 def format_result(r: dict[str, Any]) -> str:
     """A human-readable summary of :func:`run_bench`'s result."""
     from tabulate import tabulate
@@ -436,6 +516,9 @@ def format_result(r: dict[str, Any]) -> str:
         f"{' (compiled)' if r['compile'] else ''}; plain loop with {r['workers']} DataLoader "
         "workers; images/s over all students",
     ]
+    if r.get("main_stage_only"):
+        lines.append(f"{', '.join(r['main_stage_only'])}: timed in the main stage (their "
+                     "initialisation stage is skipped in all three loops)")
     for name, run in r["runs"].items():
         lines += [
             "",
@@ -450,6 +533,8 @@ def format_result(r: dict[str, Any]) -> str:
             f"cohort vs solo: {run['cohort_vs_solo']:.2f}x (bound from the measured step "
             f"times: {run['cohort_bound']:.2f}x; reached {run['cohort_of_bound']:.0%} of it)",
         ]
+        if len(run.get("method_ips", {})) > 1:
+            lines.append(_method_table(run["method_ips"]))
         if "solo_vs_fp32" in run:
             lines.append(f"{name} vs fp32: bare models {run['bare_vs_fp32']:.2f}x, solo "
                          f"{run['solo_vs_fp32']:.2f}x, cohort {run['cohort_vs_fp32']:.2f}x")

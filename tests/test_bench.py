@@ -5,9 +5,19 @@ tests)."""
 import json
 
 import pytest
+import torch
 
-from kt_bench.bench import BenchConfig, format_result, run_bench
+from kt_bench.bench import (
+    BenchConfig,
+    expand_methods,
+    format_result,
+    plain_loop,
+    random_cifar,
+    run_bench,
+)
 from kt_bench.cli import main
+from kt_bench.engine import make_accelerator
+from kt_bench.method import MAIN, METHODS, Method, register_method
 
 
 def test_bench_reports_every_figure_and_consistent_ratios():
@@ -74,3 +84,108 @@ def test_bench_times_the_start_up_of_a_short_run():
     assert list(st["phases"]) == ["imports", "plan", "data", "teacher", "networks", "first step"]
     assert st["first_step_s"] == pytest.approx(sum(st["phases"].values()))
     assert 0 < st["first_step_s"] < st["run_wall_s"]
+
+
+#: The batch uses the bench's solo and cohort loops are checked on: the labels (DKD), the
+#: samples' indices (CRD), a batch-statistics teacher (OFD), an initialisation stage (AB).
+BATCH_READERS = ("dkd", "crd", "ofd", "ab")
+
+
+def _tiny(methods: tuple[str, ...], **kw) -> BenchConfig:
+    """A bench configuration that runs in seconds on the CPU."""
+    settings = dict(teacher="resnet8", student="resnet8", methods=methods, batch_size=8,
+                    steps=1, warmup=0, repeats=1, device="cpu", workers=0, nst=False,
+                    precisions=("no",), startup=False)
+    return BenchConfig(**{**settings, **kw})
+
+
+def _register_probe(seen: dict, init_epochs: int = 0, batch_statistics: bool = False) -> None:
+    """Register method ``probe``, which records the labels it is set up with, every batch it
+    is given, and the mode of every teacher forward that feeds a training step."""
+
+    def record_mode(module, inputs, output) -> None:
+        if torch.is_inference_mode_enabled():  # a training step's, not a shape probe's
+            seen["teacher_training"].append(module.training)
+
+    @register_method("probe")
+    class Probe(Method):
+        """Matches the teacher's logits; records what the loops give it."""
+
+        def __init__(self, weight=None):
+            super().__init__(weight)
+            self.taps = ("logits",)
+            self.init_epochs = init_epochs
+            self.teacher_batch_statistics = batch_statistics
+
+        def setup_data(self, labels, num_classes):
+            seen["labels"] = labels.clone()
+
+        def setup_teacher(self, teacher):
+            teacher.register_forward_hook(record_mode)
+
+        def loss_terms(self, student, teacher, batch):
+            seen["batches"].append(batch)
+            return {self.name: (student["logits"] - teacher["logits"]).pow(2).mean()}
+
+    seen.update(labels=None, batches=[], teacher_training=[])
+
+
+def test_every_loop_gives_a_method_its_batch_in_the_main_stage():
+    seen: dict = {}
+    _register_probe(seen, init_epochs=2)
+    cfg = _tiny(("probe",), steps=2, warmup=1, repeats=1)
+    r = run_bench(cfg)
+    data = random_cifar(16)  # the bench's own data: batch 8 x 2 steps
+    assert torch.equal(seen["labels"], data.train.labels)
+    # plain, solo, cohort: 2 epochs of 2 steps each, all in the main stage (the initialisation
+    # stage skipped), each batch's labels those of its samples
+    assert len(seen["batches"]) == 3 * 2 * 2
+    for b in seen["batches"]:
+        assert b.stage == MAIN and b.epochs == 2 and b.indices is not None
+        assert torch.equal(b.labels.cpu(), data.train.labels[b.indices.cpu()])
+    plain, solo = seen["batches"][:4], seen["batches"][4:8]
+    assert [b.epoch for b in plain] == [0, 0, 1, 1]
+    for epoch in (plain[:2], plain[2:]):  # every sample once an epoch
+        assert sorted(torch.cat([b.indices for b in epoch]).tolist()) == list(range(16))
+    assert [b.seed for b in plain] == [b.seed for b in solo]  # the engine's step seeds
+    assert r["main_stage_only"] == ["probe"]
+    assert "probe: timed in the main stage" in format_result(r)
+
+
+@pytest.mark.parametrize("batch_statistics", [False, True])
+def test_plain_loop_runs_the_teacher_a_method_reads(batch_statistics):
+    seen: dict = {}
+    _register_probe(seen, batch_statistics=batch_statistics)
+    cfg = _tiny(("probe",), steps=2)
+    plain_loop(cfg, random_cifar(16), "probe", make_accelerator("cpu", "no"), 0)
+    # OFD's kind reads the train-mode copy of the teacher, every other the frozen eval one
+    assert seen["teacher_training"] == [batch_statistics] * 2
+
+
+def test_every_registered_method_is_timed():
+    """Every method in the plain loop; those reading each kind of batch data in all three."""
+    cfg = _tiny(BATCH_READERS)
+    data = random_cifar(8)
+    accelerator = make_accelerator("cpu", "no")
+    for name in METHODS.names():
+        if name not in BATCH_READERS:
+            (seconds,) = plain_loop(cfg, data, name, accelerator, 0)
+            assert 8 / seconds > 0, name
+    r = run_bench(cfg)
+    run = r["runs"]["fp32"]
+    assert list(run["method_ips"]) == list(BATCH_READERS)
+    for name, ips in run["method_ips"].items():
+        assert ips["plain"] > 0 and ips["solo"] > 0, name
+    assert run["cohort_ips"] > 0
+    assert r["main_stage_only"] == ["ab"]
+    text = format_result(r)
+    assert "solo images/s" in text and "ab: timed in the main stage" in text
+
+
+def test_bench_methods_all_and_bad_counts(capsys):
+    names = expand_methods(["kd", "all", "at"])
+    assert names[0] == "kd" and sorted(names) == sorted(METHODS.names())
+    assert main(["bench", "--methods", " , "]) == 2
+    assert "--methods needs at least one method name" in capsys.readouterr().err
+    assert main(["bench", "--methods", "kd", "--warmup", "-1"]) == 2
+    assert "--warmup must be >= 0" in capsys.readouterr().err
