@@ -78,3 +78,32 @@ def write_tiny_grid(folder: Path, methods=("student", "kd"), seeds=(0,), epochs=
 def tiny_grid(tmp_path: Path) -> Path:
     """A tiny grid file (student and kd, one seed, two epochs)."""
     return write_tiny_grid(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny run (student and kd), one per test module: its grid file and output
+    folder."""
+    from kt_bench.cli import main
+
+    folder = tmp_path_factory.mktemp("finished")
+    grid = write_tiny_grid(folder)
+    assert main(["run", "--grid", str(grid), "--out", str(folder / "out"), "--no-report"]) == 0
+    return grid, folder / "out"
+
+
+#: A plugin file whose KD takes a while per epoch, so that a test can stop a run mid-cell.
+SLOW_PLUGIN = '''
+import time
+from kt_bench import register_method
+from kt_bench.methods.kd import KD
+
+
+@register_method("slow_kd")
+class SlowKD(KD):
+    """KD that takes a while per epoch, so a test can stop a run mid-cell."""
+
+    def term_weights(self, epoch, epochs):
+        time.sleep(0.4)
+        return super().term_weights(epoch, epochs)
+'''

@@ -122,15 +122,6 @@ def test_a_checkpoint_of_another_architecture_counts_as_damaged(data, full, tmp_
     assert "(RuntimeError: Error(s) in loading state_dict for Trainee: size mismatch" in log
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished tiny run (student and kd): its grid file and output folder."""
-    folder = tmp_path_factory.mktemp("finished")
-    grid = write_tiny_grid(folder)
-    assert main(["run", "--grid", str(grid), "--out", str(folder / "out"), "--no-report"]) == 0
-    return grid, folder / "out"
-
-
 @pytest.fixture
 def run_copy(finished, tmp_path):
     """A copy of the finished run to damage."""

@@ -25,7 +25,7 @@ from kt_bench.interrupts import (
     sigterm_as_interrupt,
 )
 
-from .conftest import write_tiny_grid
+from .conftest import SLOW_PLUGIN, write_tiny_grid
 
 EXITING_PLUGINS = '''
 import sys
@@ -184,21 +184,6 @@ def test_sigterm_is_an_interrupt_within_the_block_and_the_old_handler_returns_af
         signal.signal(signal.SIGTERM, previous)
 
 
-SLOW_PLUGIN = '''
-import time
-
-from kt_bench import register_method
-from kt_bench.methods.kd import KD
-
-
-@register_method("slow_kd")
-class SlowKD(KD):
-    """KD that takes a while per epoch, so that a test can stop a run mid-cell."""
-
-    def term_weights(self, epoch, epochs):
-        time.sleep(0.4)
-        return super().term_weights(epoch, epochs)
-'''
 
 STOPS = {signal.SIGINT: (130, "kt-bench: interrupted: rerun the same command to resume",
                          "stopped by SIGINT (Ctrl-C); a new run resumes from checkpoint.pt"),

@@ -24,15 +24,6 @@ from .conftest import write_tiny_grid
 NUMBERS = ["top1", "top5", "top1_best", "teacher_top1"]
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished tiny run (student and kd): its grid file and output folder."""
-    folder = tmp_path_factory.mktemp("finished")
-    grid = write_tiny_grid(folder)
-    assert main(["run", "--grid", str(grid), "--out", str(folder / "out"), "--no-report"]) == 0
-    return grid, folder / "out"
-
-
 @pytest.fixture
 def run_copy(finished, tmp_path):
     """A copy of the finished run to damage: its grid file, folder and kd row's file."""

@@ -17,22 +17,8 @@ from kt_bench.cells import expand
 from kt_bench.cli import main
 from kt_bench.config import load_grid
 
-from .conftest import write_tiny_grid
+from .conftest import SLOW_PLUGIN, write_tiny_grid
 
-SLOW_PLUGIN = '''
-import time
-from kt_bench import register_method
-from kt_bench.methods.kd import KD
-
-
-@register_method("slow_kd")
-class SlowKD(KD):
-    """KD that takes a while per epoch, so a test can stop a run mid-cell."""
-
-    def term_weights(self, epoch, epochs):
-        time.sleep(0.4)
-        return super().term_weights(epoch, epochs)
-'''
 TIMING = ["wall_s", "images_per_s"]
 
 
@@ -70,6 +56,7 @@ def _wait_for(condition, timeout=120.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run
 def test_kill_9_mid_cell_then_rerun_equals_an_uninterrupted_run(slow_setup, tmp_path):
     grid, plugins = slow_setup
     out = tmp_path / "killed"
