@@ -76,6 +76,7 @@ def test_bench_json_and_bad_input(capsys):
     assert "unknown precision 'fp32'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run
 def test_bench_times_the_start_up_of_a_short_run():
     """A real 1-epoch run in a subprocess: its phases, in order, add up to its first step."""
     from kt_bench.bench import startup_timing

@@ -58,6 +58,7 @@ def _rows(out: Path):
     return read_rows(out).sort_values("cell_id").reset_index(drop=True)
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run
 def test_two_processes_train_a_cell_like_one_process(tmp_path, teacher_ckpt):
     """``torchrun --nproc_per_node 2 -m kt_bench run``: one row, written once, with
     world_size 2; evaluation counts each test sample once; and the numbers are those of the
@@ -121,6 +122,7 @@ def test_two_processes_train_a_cell_like_one_process(tmp_path, teacher_ckpt):
         (r1.top1, r2.top1, rs.top1)
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run
 def test_the_demo_grid_through_the_local_launcher_gives_the_plain_rows(tmp_path, teacher_ckpt,
                                                                          capsys):
     """Every demo method, one epoch: submitted as a local job, the rows are those of a
@@ -138,6 +140,7 @@ def test_the_demo_grid_through_the_local_launcher_gives_the_plain_rows(tmp_path,
     assert "8 already done; submitted 0 local job(s)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run
 def test_a_preempted_local_job_is_requeued_and_resumes_from_the_checkpoint(tmp_path,
                                                                            teacher_ckpt):
     """SIGUSR2 (what Slurm sends before preempting a job) to the job mid-cell: submitit
@@ -270,6 +273,7 @@ def test_jobs_beyond_the_max_array_size_go_in_further_arrays(monkeypatch, tmp_pa
     assert [j.cells for j in jobs] == groups
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run
 def test_two_stage_fitnet_trains_data_parallel(tmp_path, teacher_ckpt):
     """FitNet's hint stage leaves the classifier without gradients; DDP must be told that
     parameters may sit out (without it this cell fails)."""

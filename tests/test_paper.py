@@ -86,6 +86,7 @@ def test_missing_imagenet_folder_is_one_line(tmp_path):
         load_dataset("imagenet", str(tmp_path))
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run
 def test_paper_mini_runs_end_to_end_on_the_real_formats(data_root, tmp_path, capsys):
     out = tmp_path / "mini"
     code = main(["run", "--grid", "paper-mini", "--data-root", str(data_root), "--out", str(out),
