@@ -320,6 +320,7 @@ torch.save({"memory_v1": method.memory_v1, "memory_v2": method.memory_v2, "z": m
 '''
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run
 def test_crd_banks_stay_equal_on_every_process(tmp_path):
     """A CRD cell over 2 gloo processes: each process updates its memory banks with the whole
     global batch (gathered), so after training both processes hold the same banks and the

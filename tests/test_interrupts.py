@@ -250,7 +250,10 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300.0) -> None
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum", list(STOPS), ids=lambda s: signal.Signals(s).name)
+# SIGTERM's run (23 s on 2 cores) is in `pytest -m slow`; its handler is tested above
+@pytest.mark.parametrize("signum", [
+    pytest.param(s, marks=pytest.mark.slow) if s == signal.SIGTERM else s for s in STOPS],
+    ids=lambda s: signal.Signals(s).name)
 def test_a_stopped_run_keeps_what_is_done_says_one_line_and_resumes(slow_grid, tmp_path,
                                                                     signum):
     grid, plugins, clean = slow_grid

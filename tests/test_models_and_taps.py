@@ -172,6 +172,7 @@ def test_inception_pre_activation_tap_is_the_map_before_relu():
     assert torch.equal(taps["feat"], taps["feat_pre"].relu()) and (taps["feat_pre"] < 0).any()
 
 
+@pytest.mark.slow  # builds every model twice (8 s); test_cli lists them too
 def test_list_models_shows_every_paper_network(capsys):
     from kt_bench.cli import main
 

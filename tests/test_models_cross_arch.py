@@ -402,6 +402,7 @@ def test_taps_equal_r_feature_lists(name):
 
 # ---- the CLI and the engine ------------------------------------------------------------------
 
+@pytest.mark.slow  # builds every model twice (7 s); test_cli lists them too
 def test_list_models_shows_the_new_networks(capsys):
     assert main(["list", "models"]) == 0
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
