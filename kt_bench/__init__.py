@@ -1,14 +1,31 @@
-"""kt-bench: a benchmark harness for knowledge-transfer methods for image classifiers."""
+"""kt-bench: a benchmark harness for knowledge-transfer methods for image classifiers.
 
-from kt_bench.method import (
-    METHODS,
-    Batch,
-    CombinedMethod,
-    Method,
-    build_method,
-    register_method,
-)
+The method API (``Method``, ``register_method``, ...) is importable from here; it is loaded
+on first use, so that commands which need no network (``report``, ``status``) start without
+importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "Batch", "CombinedMethod", "Method", "build_method", "register_method"]
+#: The names this package exports, and the module each comes from.
+_EXPORTS = {
+    "METHODS": "kt_bench.api.method",
+    "Batch": "kt_bench.api.method",
+    "CombinedMethod": "kt_bench.api.method",
+    "Method": "kt_bench.api.method",
+    "build_method": "kt_bench.api.method",
+    "register_method": "kt_bench.api.method",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kt_bench' has no attribute {name!r}")

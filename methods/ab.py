@@ -13,13 +13,23 @@ stage (helper/loops.py) adds nothing to the cross-entropy (``loss_kd = 0``).
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 
 import torch
 from kt_bench.methods.fitnet import build_regressor
 from kt_bench.methods.sp import at_least_float32
 from torch import nn
 
-from kt_bench.method import INIT, Batch, Method, Shapes, Taps, register_method
+from kt_bench.api.method import (
+    INIT,
+    Batch,
+    Method,
+    Needs,
+    Shapes,
+    Taps,
+    init_stage,
+    register_method,
+)
 
 #: R's ABLoss scales each stage's sum by 3/1000 (after dividing by the batch size).
 R_SCALE = 3.0 / 1000.0
@@ -84,7 +94,7 @@ class AB(Method):
     #: one method whose top-1 bf16 lowered beyond its 95% interval (-0.84 [-1.53, -0.14] over
     #: 3 seeds); with an fp32 teacher for both, bf16 terms gave -0.37 [-0.77, +0.03] and
     #: float32 terms +0.09 [-0.71, +0.89] (README, Performance).
-    float32_terms = True
+    needs = Needs(float32_terms=True)
 
     def __init__(
         self,
@@ -99,9 +109,7 @@ class AB(Method):
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.margin = float(margin)
-        self.init_epochs = check_init_epochs(init_epochs)
-        self.init_lr = check_init_lr(init_lr)
-        self.taps = self.layers
+        self.needs = replace(self.needs, taps=self.layers, init=init_stage(init_epochs, init_lr))
         self.connectors = nn.ModuleList()
 
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
@@ -138,17 +146,3 @@ def check_layers(layers: tuple[str, ...], at_least: int) -> tuple[str, ...]:
     if len(layers) < at_least:
         raise ValueError(f"layers must name at least {at_least} tap(s), got {list(layers)}")
     return layers
-
-
-def check_init_epochs(init_epochs: int) -> int:
-    """``init_epochs`` if it is an integer >= 0 (else ValueError)."""
-    if int(init_epochs) != init_epochs or init_epochs < 0:
-        raise ValueError(f"init_epochs must be an integer >= 0, got {init_epochs}")
-    return int(init_epochs)
-
-
-def check_init_lr(init_lr: float | None) -> float | None:
-    """``init_lr`` if it is None (the recipe's lr) or a number > 0 (else ValueError)."""
-    if init_lr is not None and not init_lr > 0:
-        raise ValueError(f"init_lr must be None (the recipe's lr) or > 0, got {init_lr}")
-    return None if init_lr is None else float(init_lr)

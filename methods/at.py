@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kt_bench.align import align_spatial
-from kt_bench.method import Method, Taps, register_method
+from kt_bench.api.align import align_spatial
+from kt_bench.api.method import Batch, Method, Taps, register_method
 
 
 def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -22,7 +22,7 @@ def at_loss(
 ) -> torch.Tensor:
     """Mean over batch and positions of (Q_s − Q_t)², Q the attention maps.
 
-    Maps of different spatial size are first aligned by :func:`kt_bench.align.align_spatial`
+    Maps of different spatial size are first aligned by :func:`kt_bench.api.align.align_spatial`
     (default: the larger is average-pooled to the smaller).
     """
     f_s, f_t = align_spatial(f_s, f_t.detach(), align)
@@ -52,7 +52,7 @@ class AT(Method):
         self.align = align
         self.taps = self.layers
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"at": Σ_layers at_loss}``."""
         total = sum(at_loss(student[k], teacher[k], self.p, self.align) for k in self.layers)
         return {self.name: total}

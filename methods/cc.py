@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kt_bench.method import Method, Shapes, Taps, register_method
+from kt_bench.api.method import Batch, Method, Shapes, Taps, register_method
 
 
 def cc_loss(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class CC(Method):
         self.embed_s = nn.Linear(_width(student_shapes["pool"]), self.feat_dim)
         self.embed_t = nn.Linear(_width(teacher_shapes["pool"]), self.feat_dim)
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"cc": cc_loss(embed_s(pool_s), embed_t(pool_t))}``."""
         assert self.embed_s is not None and self.embed_t is not None, "setup() builds them"
         e_s = self.embed_s(student["pool"].flatten(1))

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kt_bench.data.bundle import derived_seed
-from kt_bench.method import Batch, Method, NotApplicable, Shapes, Taps, register_method
+from kt_bench.api.method import Batch, Method, Needs, NotApplicable, Shapes, Taps, register_method
+from kt_bench.core.seeds import derived_seed
 
 #: Added to every denominator of the NCE loss (R:crd/criterion.py ``eps``).
 CRD_EPS = 1e-7
@@ -199,7 +199,7 @@ class CRD(Method):
         self.feat_dim, self.nce_k = int(feat_dim), int(nce_k)
         self.nce_t, self.nce_m, self.mode = float(nce_t), float(nce_m), mode
         self.tap = tap
-        self.taps = (tap,)
+        self.needs = Needs(taps=(tap,), indices=True)
         #: The negatives per sample actually drawn (``nce_k``, capped by the training set).
         self.k_used: int | None = None
         self.n_data = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kt_bench.method import Method, Taps, register_method
+from kt_bench.api.method import Batch, Method, Taps, register_method
 
 #: Added to the product of norms in the correlation's denominator (the authors' ``eps``).
 PEARSON_EPS = 1e-8
@@ -68,7 +68,7 @@ class DIST(Method):
         self.beta, self.gamma, self.tau = float(beta), float(gamma), float(tau)
         self.taps = ("logits",)
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"dist": dist_loss}``."""
         loss = dist_loss(student["logits"], teacher["logits"], self.beta, self.gamma, self.tau)
         return {self.name: loss}

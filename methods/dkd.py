@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kt_bench.method import Batch, Method, Taps, register_method
+from kt_bench.api.method import Batch, Method, Needs, Taps, register_method
 
 #: What mdistiller subtracts from the target class's scaled logit to drop it from the
 #: non-target softmax (its probability underflows to 0 in float32).
@@ -99,7 +99,7 @@ class DKD(Method):
             raise ValueError(f"warmup must be a whole number of epochs >= 0, got {warmup}")
         self.alpha, self.beta, self.T = float(alpha), float(beta), float(T)
         self.warmup = int(warmup)
-        self.taps = ("logits",)
+        self.needs = Needs(taps=("logits",), labels=True)
 
     def loss_terms(self, student: Taps, teacher: Taps, batch: Batch
                    ) -> dict[str, torch.Tensor]:

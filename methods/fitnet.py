@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from kt_bench.methods.kd import kd_loss
 from torch import nn
 
-from kt_bench.align import align_spatial
-from kt_bench.method import Method, Shapes, Taps, register_method
+from kt_bench.api.align import align_spatial
+from kt_bench.api.method import Batch, Method, Shapes, Taps, register_method
 
 
 def fitnet_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ class FitNet(Method):
     def _in_hint_stage(self, epoch: int) -> bool:
         return epoch < self.hint_epochs
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"fitnet": hint loss}``, plus ``"fitnet.kd"`` in the two-stage form."""
         assert self.regressor is not None, "setup() builds the regressor before training"
         hint = self.regressor(student[self.tap])

@@ -12,13 +12,23 @@ modules; the main stage (helper/loops.py) adds nothing to the cross-entropy (``l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
-from kt_bench.methods.ab import check_init_epochs, check_init_lr, check_layers
+from kt_bench.methods.ab import check_layers
 from kt_bench.methods.sp import at_least_float32
 
-from kt_bench.align import align_spatial
-from kt_bench.method import INIT, Batch, Method, NotApplicable, Shapes, Taps, register_method
+from kt_bench.api.align import align_spatial
+from kt_bench.api.method import (
+    INIT,
+    Batch,
+    Method,
+    NotApplicable,
+    Shapes,
+    Taps,
+    init_stage,
+    register_method,
+)
 
 
 def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,7 +75,7 @@ class FSP(Method):
     train, at ``init_lr`` (None: the recipe's lr; R: 0.05, the learning rate). Default weight
     1: R's init stage sums the FSP losses unweighted (its ``-b 50`` multiplies a main-stage term
     that is 0). Main stage: no term (R's ``loss_kd = 0``). A pair whose layers differ in
-    channel count raises :class:`~kt_bench.method.NotApplicable` in ``setup`` (a row with
+    channel count raises :class:`~kt_bench.api.method.NotApplicable` in ``setup`` (a row with
     status ``n/a``, as R's table prints N/A). The whole student runs in train mode in the
     initialisation stage (R: its feature modules only, so a WRN's final BN, which FSP does not
     read, keeps its running statistics there).
@@ -82,9 +92,7 @@ class FSP(Method):
     ) -> None:
         super().__init__(weight)
         self.layers = check_layers(layers, 2)
-        self.init_epochs = check_init_epochs(init_epochs)
-        self.init_lr = check_init_lr(init_lr)
-        self.taps = self.layers
+        self.needs = replace(self.needs, taps=self.layers, init=init_stage(init_epochs, init_lr))
 
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
         """Check that every layer has the teacher's channel count (else NotApplicable)."""

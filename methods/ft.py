@@ -16,14 +16,15 @@ is_factor=True))`` with the paraphraser frozen; scripts/run_cifar_distill.sh: ``
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
-from kt_bench.methods.ab import check_init_epochs, check_init_lr
 from kt_bench.methods.sp import at_least_float32
 from torch import nn
 
-from kt_bench.align import align_spatial
-from kt_bench.method import INIT, Batch, Method, Shapes, Taps, register_method
+from kt_bench.api.align import align_spatial
+from kt_bench.api.method import INIT, Batch, Method, Shapes, Taps, init_stage, register_method
 
 #: The slope of the paraphraser's and the translator's LeakyReLUs (R's 0.1).
 LEAKY_SLOPE = 0.1
@@ -120,7 +121,6 @@ class FT(Method):
     """
 
     default_weight = 200.0
-    init_trains_student = False
 
     def __init__(
         self,
@@ -135,9 +135,9 @@ class FT(Method):
             raise ValueError(f"rate must be > 0, got {rate}")
         self.tap = tap
         self.rate = float(rate)
-        self.init_epochs = check_init_epochs(init_epochs)
-        self.init_lr = check_init_lr(init_lr)
-        self.taps = (tap,)
+        # the paraphraser alone trains in the initialisation stage, the student in eval mode
+        self.needs = replace(self.needs, taps=(tap,),
+                             init=init_stage(init_epochs, init_lr, trains_student=False))
         self.paraphraser: Paraphraser | None = None
         self.translator: Translator | None = None
 

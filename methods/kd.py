@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kt_bench.method import Method, Taps, register_method
+from kt_bench.api.method import Batch, Method, Taps, register_method
 
 #: Added to the standard deviation when standardising logits (the reference code's 1e-7).
 STANDARDIZE_EPS = 1e-7
@@ -58,7 +58,7 @@ class KD(Method):
         self.standardize = bool(standardize)
         self.taps = ("logits",)
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{name: kd_loss}``."""
         loss = kd_loss(student["logits"], teacher["logits"], self.T, self.standardize)
         return {self.name: loss}

@@ -13,8 +13,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from kt_bench.align import align_spatial
-from kt_bench.method import Method, Taps, register_method
+from kt_bench.api.align import align_spatial
+from kt_bench.api.method import Batch, Method, Taps, register_method
 
 KERNELS = ("linear", "poly", "gaussian")
 FORMS = ("auto", "kernel", "gram")
@@ -114,7 +114,7 @@ def nst_loss(
     included, of the union of the image's teacher and student samples (after alignment),
     detached (:func:`shared_bandwidth`); a number fixes σ² for every image. The Gaussian value
     is clamped at 0 per image (rounding only). Channel counts may differ; maps of
-    different spatial size are first aligned by :func:`kt_bench.align.align_spatial` (default
+    different spatial size are first aligned by :func:`kt_bench.api.align.align_spatial` (default
     ``pool``: the larger map is average-pooled to the smaller). Zero when the maps are equal;
     the teacher is detached, so the gradient reaches the student only.
 
@@ -185,7 +185,7 @@ class _NST(Method):
         """The kernel's own parameters passed to :func:`nst_loss`."""
         return {}
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{name: Σ_layers nst_loss}``."""
         opts = self.kernel_options()
         total = sum(nst_loss(student[k], teacher[k], kernel=self.kernel, align=self.align,

@@ -19,8 +19,9 @@ margin. Facts from mdistiller (M = megvii-research/mdistiller), ``mdistiller/dis
   ``configs/cifar100/ofd.yaml`` (resnet32x4 -> resnet8x4) changes none of them.
 
 M's ``OFD.train`` puts the teacher in training mode too (its BNs normalise with the batch's
-statistics): the method declares ``teacher_batch_statistics``, and the engine gives it the maps
-of a private train-mode copy of the teacher (the cohort's shared teacher stays in eval mode).
+statistics): the method declares ``Needs(teacher_mode="batch_statistics")``, and the engine
+gives it the maps of a private train-mode copy of the teacher (the cohort's shared teacher
+stays in eval mode).
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ from kt_bench.methods.ab import check_layers
 from kt_bench.methods.sp import at_least_float32
 from torch import nn
 
-from kt_bench.method import Method, NotApplicable, Shapes, Taps, register_method
+from kt_bench.api.method import (
+    TEACHER_BATCH_STATISTICS,
+    Batch,
+    Method,
+    Needs,
+    NotApplicable,
+    Shapes,
+    Taps,
+    register_method,
+)
 
 #: M's floor on P(x < 0) below which the margin is −3·std.
 MIN_NEGATIVE_MASS = 0.001
@@ -108,11 +118,11 @@ class OFD(Method):
     stage1..4). Default weight 0.001 (M's FEAT_WEIGHT). A teacher without a BN before some
     layer's ReLU (e.g. ShuffleNets, as in M) makes the method not applicable. The teacher's
     maps come with its BatchNorm on the batch's statistics, as M's ``OFD.train`` leaves the
-    teacher in train mode (``teacher_batch_statistics``: the engine runs a private copy).
+    teacher in train mode (``Needs.teacher_mode``: the engine runs a private copy).
     """
 
     default_weight = 0.001
-    teacher_batch_statistics = True
+    needs = Needs(teacher_mode=TEACHER_BATCH_STATISTICS)
 
     def __init__(
         self,
@@ -163,7 +173,7 @@ class OFD(Method):
             make_connector(int(student_shapes[k][1]), c, self.kernel_size)
             for k, c in zip(tap, c_t, strict=True))
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"ofd": ofd_loss(connected student maps, teacher maps, margins)}``."""
         assert len(self.connectors) == len(self.taps), "setup() builds the connectors"
         f_s = [c(student[k]) for c, k in zip(self.connectors, self.taps, strict=True)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from kt_bench.methods.sp import at_least_float32, check_batches
 
-from kt_bench.method import Method, Taps, register_method
+from kt_bench.api.method import Batch, Method, Taps, register_method
 
 
 def unit_rows(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -67,6 +67,6 @@ class PKT(Method):
         self.eps = float(eps)
         self.taps = (tap,)
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"pkt": pkt_loss}`` on ``tap``."""
         return {self.name: pkt_loss(student[self.tap], teacher[self.tap], self.eps)}

@@ -33,7 +33,7 @@ from kt_bench.methods.dkd import warmup_factor
 from kt_bench.methods.sp import at_least_float32
 from torch import nn
 
-from kt_bench.method import Method, Shapes, Taps, register_method
+from kt_bench.api.method import Batch, Method, Shapes, Taps, register_method
 
 #: The pooled sizes of HCL's context levels (M's ``[4, 2, 1]``).
 HCL_LEVELS = (4, 2, 1)
@@ -180,7 +180,7 @@ class ReviewKD(Method):
             outputs.insert(0, out)
         return outputs
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"reviewkd": hcl_loss(fused student levels, teacher levels)}``."""
         targets = [as_map(teacher[k]) for k in self.teacher_levels]
         return {self.name: hcl_loss(self.fuse(student), targets)}

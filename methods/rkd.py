@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from kt_bench.methods.sp import at_least_float32, check_batches
 
-from kt_bench.method import Method, Taps, register_method
+from kt_bench.api.method import Batch, Method, Taps, register_method
 
 
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -107,7 +107,7 @@ class RKD(Method):
         self.w_angle = float(w_angle)
         self.taps = (tap,)
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"rkd": rkd_loss}`` on ``tap``."""
         return {self.name: rkd_loss(student[self.tap], teacher[self.tap], self.w_dist,
                                     self.w_angle)}

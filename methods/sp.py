@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kt_bench.method import Method, Taps, register_method
+from kt_bench.api.method import Batch, Method, Taps, register_method
 
 
 def check_batches(f_s: torch.Tensor, f_t: torch.Tensor, what: str) -> None:
@@ -67,6 +67,6 @@ class SP(Method):
         self.tap = tap
         self.taps = (tap,)
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"sp": sp_loss}`` on ``tap``."""
         return {self.name: sp_loss(student[self.tap], teacher[self.tap])}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kt_bench.method import CrossEntropyOnly, register_method
+from kt_bench.api.method import CrossEntropyOnly, register_method
 
 
 @register_method("student")

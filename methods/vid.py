@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kt_bench.align import align_spatial
-from kt_bench.method import Method, Shapes, Taps, register_method
+from kt_bench.api.align import align_spatial
+from kt_bench.api.method import Batch, Method, Shapes, Taps, register_method
 
 
 def vid_variance(log_scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -115,7 +115,7 @@ class VID(Method):
             k: VIDHead(student_shapes[k][1], teacher_shapes[k][1], self.init_var, self.eps)
             for k in self.layers})
 
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"vid": Σ_layers head(student map, teacher map)}``."""
         assert len(self.heads) == len(self.layers), "setup() builds the heads"
         total = sum(self.heads[k](student[k], teacher[k]) for k in self.layers)

@@ -40,7 +40,8 @@ class CifarResNet(nn.Module):
     """A CIFAR ResNet with taps ``stage1..3``, ``stage1_pre..stage3_pre``, ``feat``,
     ``feat_pre``, ``pool``, ``logits``; ``bn_before_relu`` names each stage's last ``bn2``."""
 
-    #: How RepDistiller's checkpoints name this family's weights (kt_bench.reference_checkpoints).
+    #: How RepDistiller's checkpoints name this family's weights
+    #: (kt_bench.training.reference_checkpoints).
     reference_layout = "repdistiller_resnet"
 
     def __init__(self, blocks: int, num_classes: int, in_channels: int = 3, width: float = 1.0,

@@ -6,7 +6,8 @@ import pickle
 
 from torch import nn
 
-from kt_bench.errors import KtBenchError
+from kt_bench.core.errors import KtBenchError
+from kt_bench.core.plain_data import refusal_reason
 from kt_bench.models.zoo import register_model
 
 _RESNET_TAPS = {
@@ -29,8 +30,6 @@ def _weights(name: str, weights: str) -> dict:
     try:
         return chosen.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except pickle.UnpicklingError as exc:
-        from kt_bench.checkpoints import refusal_reason
-
         raise KtBenchError(f"torchvision weights {chosen} (torch's download cache) cannot be "
                            f"read: {refusal_reason(exc)}") from None
 

@@ -23,7 +23,8 @@ class VGG(nn.Module):
     (the same before that ReLU), ``feat``, ``feat_pre``, ``pool``, ``logits``;
     ``bn_before_relu`` names each block's last BN."""
 
-    #: How RepDistiller's checkpoints name this family's weights (kt_bench.reference_checkpoints).
+    #: How RepDistiller's checkpoints name this family's weights
+    #: (kt_bench.training.reference_checkpoints).
     reference_layout = "repdistiller_vgg"
 
     def __init__(self, config, num_classes: int, in_channels: int = 3):

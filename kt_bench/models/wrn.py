@@ -39,7 +39,8 @@ class WideResNet(nn.Module):
     outputs through the BN that comes next), ``feat_pre``, ``feat``, ``pool``, ``logits``;
     ``bn_before_relu`` names those BNs."""
 
-    #: How RepDistiller's checkpoints name this family's weights (kt_bench.reference_checkpoints).
+    #: How RepDistiller's checkpoints name this family's weights
+    #: (kt_bench.training.reference_checkpoints).
     reference_layout = "repdistiller_wrn"
 
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int = 3):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kt_bench.errors import UnreadableFileError, UnwritableFileError, first_line
+from kt_bench.core.errors import UnreadableFileError, UnwritableFileError, first_line
 
 #: Below this many free bytes a failed write is put down to a full disk.
 _NEARLY_FULL = 1 << 20
@@ -197,6 +197,12 @@ def move_aside(path: str | os.PathLike) -> Path | None:
     except FileNotFoundError:
         return None
     return aside
+
+
+def previous_path(path: Path) -> Path:
+    """Where the previous copy of ``path`` is kept when a new one replaces it
+    (``checkpoint.prev.pt`` beside ``checkpoint.pt``)."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:

@@ -14,8 +14,8 @@ import socket
 import time
 from pathlib import Path
 
-from kt_bench import atomic
-from kt_bench.errors import UnwritableFileError
+from kt_bench.core import atomic
+from kt_bench.core.errors import UnwritableFileError
 
 
 class FileLock:
@@ -83,7 +83,7 @@ class FileLock:
 def holder(path: str | os.PathLike) -> str | None:
     """Who holds the lock at ``path`` ("host pid time"), or None if nobody does (a missing
     file is not held). Looking takes a shared lock for an instant. A lock file this user may
-    not read is an :class:`~kt_bench.errors.UnreadableFileError`."""
+    not read is an :class:`~kt_bench.core.errors.UnreadableFileError`."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:

@@ -22,55 +22,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from kt_bench.errors import ConfigError, KtBenchError, first_line
-from kt_bench.registry import Registry
-from kt_bench.spec import Spec, coerce, type_words
-
-SCHEDULES = ("cosine", "multistep", "constant")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one network is trained: SGD with momentum and a per-epoch learning-rate schedule."""
-
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    ce_weight: float = 1.0
-    eval_batch_size: int = 512
-
-    def validate(self, where: str) -> Recipe:
-        """Check value ranges; ``where`` prefixes the message (file and table)."""
-        checks = [
-            (self.epochs >= 1, "epochs", "an integer >= 1"),
-            (self.batch_size >= 2, "batch_size", "an integer >= 2"),
-            (self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1"),
-            (self.lr > 0, "lr", "a number > 0"),
-            (0 <= self.momentum < 1, "momentum", "a number in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay", "a number >= 0"),
-            (self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}"),
-            (self.ce_weight >= 0, "ce_weight", "a number >= 0"),
-            (all(m >= 1 for m in self.milestones), "milestones", "a list of epochs >= 1"),
-            (self.schedule != "multistep" or all(m < self.epochs for m in self.milestones),
-             "milestones", f"a list of epochs m with 1 <= m < epochs ({self.epochs})"),
-        ]
-        for ok, key, accepted in checks:
-            if not ok:
-                value = getattr(self, key)
-                raise ConfigError(f"{where}.{key} = {value!r} is invalid; accepted: {accepted}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict (lists for tuples), stable for hashing."""
-        d = dataclasses.asdict(self)
-        d["milestones"] = list(self.milestones)
-        return d
+from kt_bench.core.errors import ConfigError, KtBenchError, first_line
+from kt_bench.core.options import Spec, coerce, type_words
+from kt_bench.core.registry import Registry
+from kt_bench.training.recipe import Recipe
 
 
 def dataclass_from_table(cls: type, table: Mapping[str, Any], where: str, base: Any = None):
@@ -265,10 +220,10 @@ class Grid:
         """Every dataset's images and training set checked against what training needs: a
         positive ``image_size`` whose images fit in memory, and batch sizes no larger than
         the training set (each known from the dataset's spec, before any data is loaded)."""
-        from kt_bench.data.bundle import DATASET_INFO, dataset_info
+        from kt_bench.data.bundle import DATASETS, dataset_info
 
         for i, d in enumerate(self.datasets):
-            if d.name not in DATASET_INFO:  # a plugin dataset that describes nothing
+            if d.name not in DATASETS:  # the unknown name is the cells' error, with the list
                 continue
             info = dataset_info(d)
             if info.n_train < 2:  # BatchNorm needs two samples a batch
@@ -330,7 +285,7 @@ def _check_spec(builder: Any, spec: Spec, kind: str, where: str, fixed: tuple[st
                 ) -> None:
     """``spec``'s options checked (names and types) against ``builder``'s signature; an
     error names ``where`` (e.g. ``pairs[0].student``)."""
-    from kt_bench.spec import resolve_options
+    from kt_bench.core.options import resolve_options
 
     try:
         resolve_options(builder, spec.options, f"{kind} '{spec.name}'", fixed)
@@ -340,7 +295,7 @@ def _check_spec(builder: Any, spec: Spec, kind: str, where: str, fixed: tuple[st
 
 def _method_config(method: str, options: Mapping[str, Mapping[str, Any]]) -> None:
     """Check ``method`` with ``options``; a plugin constructor's own exception is one line."""
-    from kt_bench.method import method_config
+    from kt_bench.api.method import method_config
 
     try:
         method_config(method, options)
@@ -388,7 +343,8 @@ def _list_of(table: Mapping, key: str, where: str, kind: type) -> list:
     return value
 
 
-def _composite(table: Mapping[str, Any], source: str, seen: tuple[str, ...]) -> Grid:
+def _composite(table: Mapping[str, Any], source: str, seen: tuple[str, ...], validate: bool
+               ) -> Grid:
     for key in table:
         if key not in COMPOSITE_KEYS:
             raise ConfigError(f"{source}: unknown key '{key}' in a grid with 'include'; "
@@ -400,7 +356,7 @@ def _composite(table: Mapping[str, Any], source: str, seen: tuple[str, ...]) -> 
         target = _grid_path(name, source)
         if _file_key(target) in seen or _file_key(target) == _file_key(source):
             raise ConfigError(f"{source}: include '{name}' forms a cycle")
-        parts.append(load_grid(str(target), seen + (_file_key(target),)))
+        parts.append(load_grid(str(target), seen + (_file_key(target),), validate))
     return Grid(name=grid_name, description=str(table.get("description", "")),
                 datasets=[], pairs=[], methods=[], source=source, parts=parts,
                 launcher=_launcher(table, source))
@@ -427,7 +383,7 @@ def _run_names(methods: list[str]) -> list[str]:
 def _is_registered(name: str) -> bool:
     """Whether ``name`` is a registered method or a combination of registered methods (kept
     in a grid file for a run whose ``--methods`` names it, as ``demo`` does for ``ab``)."""
-    from kt_bench.method import METHODS
+    from kt_bench.api.method import METHODS
 
     parts = [p.strip() for p in name.split("+")]
     return all(p in METHODS for p in parts)
@@ -437,7 +393,7 @@ def check_option_tables(options: Mapping[str, Any], methods: list[str], where: s
     """A one-line ConfigError for a table of ``options`` (at ``where``, e.g. ``grid.toml:
     method_options``) that names neither one of ``methods`` (the grid file's own; a member of
     a combination counts) nor a registered method: a misspelt name that would be ignored."""
-    from kt_bench.method import METHODS
+    from kt_bench.api.method import METHODS
 
     known = _run_names(methods)
     for name in options:
@@ -451,7 +407,9 @@ def check_option_tables(options: Mapping[str, Any], methods: list[str], where: s
                           f"{', '.join(methods)}")
 
 
-def _pair(p: Any, where: str) -> Pair:
+def _pair(p: Any, where: str, recipe: Recipe) -> Pair:
+    """One ``[[pairs]]`` table; its own ``recipe`` holds only what differs from the grid's
+    ``recipe``."""
     keys = set(p) if isinstance(p, Mapping) else set()
     if not {"teacher", "student"} <= keys or keys - set(PAIR_KEYS):
         raise ConfigError(f"{where} must be a table with the keys teacher and student "
@@ -459,9 +417,13 @@ def _pair(p: Any, where: str) -> Pair:
     ckpt = p.get("teacher_checkpoint")
     if ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"{where}.teacher_checkpoint must be a path string")
+    own = None
+    if "recipe" in p:
+        own = dataclass_from_table(Recipe, p["recipe"], f"{where}.recipe", base=recipe
+                                   ).validate(f"{where}.recipe")
     return Pair(Spec.parse(p["teacher"], f"{where}.teacher"),
                 Spec.parse(p["student"], f"{where}.student"), ckpt,
-                _method_options(p.get("method_options", {}), f"{where}.method_options"))
+                _method_options(p.get("method_options", {}), f"{where}.method_options"), own)
 
 
 def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -503,72 +465,85 @@ def _sweep(table: Any, source: str) -> dict[str, list[Any]]:
     return {k: list(v) for k, v in table.items()}
 
 
-def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...] = ()) -> Grid:
-    """Build and validate a Grid from a parsed TOML table read from ``source``.
+def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...] = (),
+                    validate: bool = True) -> Grid:
+    """Build a Grid from a parsed TOML table read from ``source``; with ``validate``, check
+    its names and options against the registries too (which loads the plugins, hence torch).
 
     ``include = [...]`` makes a grid the union of other grids; ``extends = "base"`` starts
     from another grid's table (tables merged key by key, other values replaced).
     """
     if "include" in table:
-        return _composite(table, source, seen)
+        return _composite(table, source, seen, validate)
     if "extends" in table:
-        base_name = table["extends"]
-        if not isinstance(base_name, str):
-            raise ConfigError(f"{source}: key 'extends' must be a grid name or file")
-        base_path = _grid_path(base_name, source)
-        if _file_key(base_path) in seen or _file_key(base_path) == _file_key(source):
-            raise ConfigError(f"{source}: extends '{base_name}' forms a cycle")
-        base = read_toml(base_path)
-        if "include" in base:
-            raise ConfigError(f"{source}: extends '{base_name}', a grid made with include; "
-                              "extend one of its parts instead")
-        rest = {k: v for k, v in table.items() if k != "extends"}
-        return grid_from_table(_merged(base, rest), source, seen + (_file_key(base_path),))
+        return _extended(table, source, seen, validate)
+    _check_grid_keys(table, source)
+    recipe = dataclass_from_table(Recipe, table.get("recipe", {}), f"{source}: recipe")
+    recipe.validate(f"{source}: recipe")
+    pairs = [_pair(p, f"{source}: pairs[{i}]", recipe)
+             for i, p in enumerate(_list_of(table, "pairs", source, object))]
+    options = _method_options(table.get("method_options", {}), f"{source}: method_options")
+    methods = _list_of(table, "methods", source, str)
+    if validate:  # against the registered methods
+        check_option_tables(options, methods, f"{source}: method_options")
+        for i, pair in enumerate(pairs):
+            check_option_tables(pair.method_options, methods,
+                                f"{source}: pairs[{i}].method_options")
+    grid = Grid(
+        name=_grid_name(table, source),
+        description=str(table.get("description", "")),
+        datasets=[Spec.parse(d, f"{source}: datasets")
+                  for d in _list_of(table, "datasets", source, object)],
+        pairs=pairs,
+        methods=methods,
+        seeds=unique(_list_of(table, "seeds", source, int)) if "seeds" in table else [0],
+        recipe=recipe,
+        teacher_recipe=_teacher_recipe(table.get("teacher_recipe", {}), recipe, source),
+        method_options=options,
+        teacher_seed=_teacher_seed(table, source),
+        sweep=_sweep(table.get("sweep", {}), source),
+        source=source,
+        launcher=_launcher(table, source),
+    )
+    return grid.validate() if validate else grid
+
+
+def _extended(table: Mapping[str, Any], source: str, seen: tuple[str, ...], validate: bool
+              ) -> Grid:
+    """The grid of a table with ``extends``: its base grid's table with this one on top."""
+    base_name = table["extends"]
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{source}: key 'extends' must be a grid name or file")
+    base_path = _grid_path(base_name, source)
+    if _file_key(base_path) in seen or _file_key(base_path) == _file_key(source):
+        raise ConfigError(f"{source}: extends '{base_name}' forms a cycle")
+    base = read_toml(base_path)
+    if "include" in base:
+        raise ConfigError(f"{source}: extends '{base_name}', a grid made with include; "
+                          "extend one of its parts instead")
+    rest = {k: v for k, v in table.items() if k != "extends"}
+    return grid_from_table(_merged(base, rest), source, seen + (_file_key(base_path),),
+                           validate)
+
+
+def _check_grid_keys(table: Mapping[str, Any], source: str) -> None:
+    """A one-line error for an unknown key or a missing required one."""
     for key in table:
         if key not in GRID_KEYS:
             raise ConfigError(f"{source}: unknown key '{key}'; accepted: {', '.join(GRID_KEYS)}")
     for key in ("name", "datasets", "pairs", "methods"):
         if key not in table:
             raise ConfigError(f"{source}: missing key '{key}'")
-    grid_name = _grid_name(table, source)
-    datasets = [Spec.parse(d, f"{source}: datasets")
-                for d in _list_of(table, "datasets", source, object)]
-    pairs = [_pair(p, f"{source}: pairs[{i}]")
-             for i, p in enumerate(_list_of(table, "pairs", source, object))]
-    recipe = dataclass_from_table(Recipe, table.get("recipe", {}), f"{source}: recipe")
-    recipe.validate(f"{source}: recipe")
-    raw_pairs = _list_of(table, "pairs", source, object)
-    for i, (pair, raw) in enumerate(zip(pairs, raw_pairs, strict=True)):
-        if isinstance(raw, Mapping) and "recipe" in raw:  # only what differs from [recipe]
-            where = f"{source}: pairs[{i}].recipe"
-            own = dataclass_from_table(Recipe, raw["recipe"], where, base=recipe).validate(where)
-            pairs[i] = dataclasses.replace(pair, recipe=own)
-    teacher_recipe = _teacher_recipe(table.get("teacher_recipe", {}), recipe, source)
-    options = _method_options(table.get("method_options", {}), f"{source}: method_options")
-    methods = _list_of(table, "methods", source, str)
-    check_option_tables(options, methods, f"{source}: method_options")
-    for i, pair in enumerate(pairs):
-        check_option_tables(pair.method_options, methods, f"{source}: pairs[{i}].method_options")
+
+
+def _teacher_seed(table: Mapping[str, Any], source: str) -> int | None:
+    """The grid's ``teacher_seed`` (None: each seed's own), checked."""
     teacher_seed = table.get("teacher_seed")
     if teacher_seed is not None and (not isinstance(teacher_seed, int)
                                      or isinstance(teacher_seed, bool) or teacher_seed < 0):
         raise ConfigError(f"{source}: teacher_seed = {teacher_seed!r} is invalid; accepted: an "
                           "integer >= 0")
-    return Grid(
-        name=grid_name,
-        description=str(table.get("description", "")),
-        datasets=datasets,
-        pairs=pairs,
-        methods=methods,
-        seeds=unique(_list_of(table, "seeds", source, int)) if "seeds" in table else [0],
-        recipe=recipe,
-        teacher_recipe=teacher_recipe,
-        method_options=options,
-        teacher_seed=teacher_seed,
-        sweep=_sweep(table.get("sweep", {}), source),
-        source=source,
-        launcher=_launcher(table, source),
-    ).validate()
+    return teacher_seed
 
 
 def _teacher_recipe(table: Any, recipe: Recipe, source: str) -> Recipe:
@@ -588,18 +563,18 @@ def _teacher_recipe(table: Any, recipe: Recipe, source: str) -> Recipe:
 def builtin_grids() -> Registry[Path]:
     """The grids shipped in ``kt_bench/grids``: name -> file."""
     grids: Registry[Path] = Registry("grid")
-    for path in (Path(__file__).parent / "grids").glob("*.toml"):
+    for path in (Path(__file__).parent.parent / "grids").glob("*.toml"):
         grids.register(path.stem, path, origin=str(path))
     return grids
 
 
-def load_grid(name_or_path: str, seen: tuple[str, ...] = ()) -> Grid:
-    """A built-in grid by name, or a grid file by path (``*.toml``)."""
+def load_grid(name_or_path: str, seen: tuple[str, ...] = (), validate: bool = True) -> Grid:
+    """A built-in grid by name, or a grid file by path (``*.toml``); ``validate``: see
+    :func:`grid_from_table`."""
     path = Path(name_or_path)
-    if name_or_path.endswith(".toml") or path.is_file():
-        return grid_from_table(read_toml(path), str(path), seen)
-    try:
-        path = builtin_grids().get(name_or_path)
-    except KtBenchError as exc:
-        raise ConfigError(f"{exc}; or a path to a .toml file") from None
-    return grid_from_table(read_toml(path), str(path), seen)
+    if not (name_or_path.endswith(".toml") or path.is_file()):
+        try:
+            path = builtin_grids().get(name_or_path)
+        except KtBenchError as exc:
+            raise ConfigError(f"{exc}; or a path to a .toml file") from None
+    return grid_from_table(read_toml(path), str(path), seen, validate)

@@ -21,6 +21,7 @@ initialisation (speed does not depend on it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import statistics
@@ -31,31 +32,33 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kt_bench.config import Recipe
+from kt_bench.api.method import METHODS, Batch, Method, build_method
+from kt_bench.core.errors import KtBenchError
+from kt_bench.core.options import Spec
+from kt_bench.core.precision import PRECISION_NAMES
+from kt_bench.core.seeds import derived_seed
 from kt_bench.data.augment import random_crop_flip
-from kt_bench.data.bundle import Split, TensorData, channel_stats, derived_seed, load_dataset
-from kt_bench.engine import (
-    Trainee,
-    base_ce_weight,
-    batch_statistics_teacher,
+from kt_bench.data.bundle import Split, TensorData, channel_stats, load_dataset
+from kt_bench.models import build_model
+from kt_bench.training.device import (
     channels_last,
     compile_model,
-    in_layout,
     make_accelerator,
-    setup_method,
     sync_device,
-    teacher_taps,
-    total_loss,
-    train,
-    train_cohort,
     training_memory_format,
 )
-from kt_bench.errors import KtBenchError
-from kt_bench.method import MAIN, METHODS, Batch, Method, build_method
-from kt_bench.models import build_model
-from kt_bench.precision import PRECISION_NAMES
-from kt_bench.spec import Spec
-from kt_bench.taps import TapRecorder
+from kt_bench.training.engine import train, train_cohort
+from kt_bench.training.hooks import ProgressBar
+from kt_bench.training.lifecycle import (
+    TeacherTaps,
+    Trainee,
+    base_ce_weight,
+    in_layout,
+    plan_epoch,
+    prepare_on_probe,
+    step_loss,
+)
+from kt_bench.training.recipe import Recipe
 
 DEMO_METHODS = ["student", "kd", "fitnet", "at", "nst_linear", "nst_poly", "nst_gauss",
                 "kd+nst_poly"]
@@ -90,13 +93,13 @@ def bench_method(name: str) -> Method:
     method = build_method(name)
     for part in method.modules():  # a combination's members too
         if isinstance(part, Method):
-            part.init_epochs = 0
+            part.needs = dataclasses.replace(part.needs, init=None)
     return method
 
 
 def initialising_methods(names: tuple[str, ...]) -> list[str]:
     """Those of ``names`` whose method has an initialisation stage (which the bench skips)."""
-    return [m for m in names if build_method(m).init_epochs]
+    return [m for m in names if build_method(m).needs.init is not None]
 
 
 def expand_methods(names: list[str]) -> tuple[str, ...]:
@@ -152,30 +155,13 @@ def _epoch_seconds(seconds: list[float], warmup: int) -> float:
     return min(seconds[warmup:] or seconds)
 
 
-class _PlainTeacher:
-    """The teacher a method reads in the plain loop: the frozen one, or for a method with
-    ``teacher_batch_statistics`` (OFD) the engine's train-mode copy instead, with a recorder of
-    the method's taps."""
-
-    def __init__(self, teacher: torch.nn.Module, method: Method) -> None:
-        if method.teacher_batch_statistics:
-            teacher = batch_statistics_teacher(teacher)
-        self.model = teacher
-        self.recorder = TapRecorder(teacher, teacher.tap_map, method.taps)
-
-    def taps(self, x: torch.Tensor, accelerator) -> dict[str, torch.Tensor]:
-        """The teacher's taps on ``x``, as the engine takes them."""
-        return teacher_taps(self.model, self.recorder, x, accelerator)
-
-
 def _plain_trainee(cfg: BenchConfig, data: TensorData, method: Method, teacher: torch.nn.Module
                    ) -> Trainee:
-    """The student and ``method``, the method set up as the engine sets it up (the training
-    labels, the teacher, the taps' shapes), in the default memory layout of a reference loop."""
+    """The student and ``method``, the method prepared as the engine prepares it, in the
+    default memory layout of a reference loop."""
     student = build_model(cfg.student, data.num_classes)
-    if method.needs_teacher:
-        method.setup_data(data.train_labels(), data.num_classes)
-        setup_method(method, student, teacher, data.probe())
+    prepare_on_probe(method, student, teacher, data.train_labels(), data.num_classes,
+                     data.probe())
     return Trainee(student, method)
 
 
@@ -196,29 +182,28 @@ def plain_loop(cfg: BenchConfig, data: TensorData, method_name: str, accelerator
     reference repositories'."""
     device = accelerator.device
     recipe = bench_recipe(cfg)
-    epochs = recipe.epochs
     torch.manual_seed(0)
     teacher = build_model(cfg.teacher, data.num_classes).to(device).eval().requires_grad_(False)
     method = bench_method(method_name)
     trainee = _plain_trainee(cfg, data, method, teacher).to(device)
-    taught = _PlainTeacher(teacher, method) if method.needs_teacher else None
+    taught = TeacherTaps(teacher, [method]) if method.needs_teacher else None
     opt = torch.optim.SGD(trainee.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     loader = _plain_loader(cfg, data, device, workers)
+    base_ce = base_ce_weight(method, recipe.ce_weight)
     times = []
-    for epoch in range(epochs):
+    for epoch in range(recipe.epochs):
         trainee.train()
-        weights = method.term_weights(epoch, epochs)
-        ce_weight = base_ce_weight(method, recipe) * method.ce_scale(epoch, epochs)
+        plan = plan_epoch(method, epoch, recipe.epochs, base_ce)
         t0 = time.perf_counter()
         for step, (x, y, idx) in enumerate(loader, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # the step's seed from the engine's stream of them, for seed 0
-            batch = Batch(y, epoch, epochs, idx.to(device), MAIN, derived_seed(0, 5, epoch, step))
-            t_taps = taught.taps(x, accelerator) if taught is not None else None
+            batch = plan.batch(y, idx.to(device), derived_seed(0, 5, epoch, step))
+            t_taps = (TeacherTaps.of(method, taught.read(x, [method], accelerator.autocast))
+                      if taught is not None else None)
             with accelerator.autocast():
-                logits, terms = trainee(x, t_taps, batch)
-                loss = total_loss(logits, y, terms, weights, ce_weight)
+                loss = step_loss(trainee, x, batch, t_taps, plan).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -290,12 +275,14 @@ def data_times(cfg: BenchConfig, data: TensorData, device: torch.device) -> list
     return _epoch_times(cfg, data, device, lambda x: None, prepare=False)
 
 
-def nst_timing(device: torch.device, reps: int = 5) -> dict[str, float]:
+def nst_timing(device: torch.device, reps: int = 5, images: int = 64) -> dict[str, float]:
     """Forward + backward time of NST-poly at the paper's ImageNet shape (teacher 2048x7x7,
-    student 1024x7x7, batch 64): the form chosen by shape against the direct kernel form."""
+    student 1024x7x7, batch ``images``): the form chosen by shape against the direct kernel
+    form."""
     gen = torch.Generator().manual_seed(0)
-    f_t = torch.randn(64, 2048, 7, 7, generator=gen).to(device)
-    f_s = torch.randn(64, 1024, 7, 7, generator=gen).to(device).requires_grad_(True)
+    f_t = torch.randn(images, 2048, 7, 7, generator=gen).to(device)
+    f_s = torch.randn(images, 1024, 7, 7, generator=gen).to(device).requires_grad_(True)
+    batch = Batch(torch.zeros(images, dtype=torch.long, device=device))  # NST reads no labels
     out = {}
     for form in ("auto", "kernel"):
         # through the registry, not the plugin's module: the core imports no plugin by path
@@ -303,7 +290,7 @@ def nst_timing(device: torch.device, reps: int = 5) -> dict[str, float]:
         times = []
         for _ in range(reps + 1):
             t0 = time.perf_counter()
-            method.loss_terms({"feat": f_s}, {"feat": f_t})["nst_poly"].backward()
+            method.loss_terms({"feat": f_s}, {"feat": f_t}, batch)["nst_poly"].backward()
             sync_device(device)
             times.append(time.perf_counter() - t0)
             f_s.grad = None
@@ -377,13 +364,19 @@ def measure_precision(cfg: BenchConfig, data: TensorData, precision: str,
                       workers: int) -> dict[str, Any]:
     """Every figure of the bench in one precision (``no``: fp32)."""
     accelerator = make_accelerator(cfg.device, precision)
-    device = accelerator.device
-    n = cfg.batch_size * cfg.steps
-    recipe = bench_recipe(cfg)
-    student, teacher_spec = Spec(cfg.student), Spec(cfg.teacher)
-    teacher = build_model(teacher_spec, data.num_classes)
-    k = len(cfg.methods)
-    result: dict[str, Any] = {"device": str(device), "precision": precision}
+    teacher = build_model(Spec(cfg.teacher), data.num_classes)
+    result: dict[str, Any] = {"device": str(accelerator.device), "precision": precision}
+    times = _loop_times(cfg, data, accelerator, teacher, workers, result)
+    result.update(_limits(cfg, data, accelerator, teacher, times))
+    return result
+
+
+def _loop_times(cfg: BenchConfig, data: TensorData, accelerator, teacher: torch.nn.Module,
+                workers: int, result: dict[str, Any]) -> dict[str, Any]:
+    """The epoch seconds of the three loops (``plain`` and ``solo`` per method, ``cohort``
+    for all); their images/s and peak memory go into ``result``."""
+    device, n, k = accelerator.device, cfg.batch_size * cfg.steps, len(cfg.methods)
+    recipe, student = bench_recipe(cfg), Spec(cfg.student)
 
     _reset_peak(device)
     plain_t = [_epoch_seconds(plain_loop(cfg, data, m, accelerator, workers), cfg.warmup)
@@ -393,8 +386,8 @@ def measure_precision(cfg: BenchConfig, data: TensorData, precision: str,
 
     _reset_peak(device)
     solo_t = [_epoch_seconds(train(data, student, bench_method(m), recipe, 0, accelerator,
-                                    teacher, desc=f"solo {m}", compile=cfg.compile).epoch_s,
-                              cfg.warmup)
+                                   teacher, compile=cfg.compile,
+                                   hooks=[ProgressBar(f"solo {m}")]).epoch_s, cfg.warmup)
               for m in cfg.methods]
     result["solo_ips"] = k * n / sum(solo_t)
     result["method_ips"] = {m: {"plain": n / p, "solo": n / s}
@@ -403,7 +396,8 @@ def measure_precision(cfg: BenchConfig, data: TensorData, precision: str,
 
     _reset_peak(device)
     cohort = train_cohort(data, student, [bench_method(m) for m in cfg.methods], recipe, 0,
-                          accelerator, teacher, desc="cohort", compile=cfg.compile)
+                          accelerator, teacher, compile=cfg.compile,
+                          hooks=[ProgressBar("cohort")])
     errors = [r.error for r in cohort if r.error is not None]
     if errors:
         raise KtBenchError(f"the cohort failed: {errors[0]}")
@@ -411,38 +405,50 @@ def measure_precision(cfg: BenchConfig, data: TensorData, precision: str,
     result["cohort_ips"] = k * n / cohort_t
     result["cohort_peak_mem_mb"] = _peak_mb(device)
     result["peak_mem_mb"] = max(result[f"{p}_peak_mem_mb"] for p in ("plain", "solo", "cohort"))
+    return {"plain": plain_t, "solo": solo_t, "cohort": cohort_t}
 
+
+def _limits(cfg: BenchConfig, data: TensorData, accelerator, teacher: torch.nn.Module,
+            times: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a step timed alone (teacher forward, data path, bare student step), the
+    bare-model limits they set and each loop's share of them."""
+    n, k = cfg.batch_size * cfg.steps, len(cfg.methods)
+    plain_t, solo_t, cohort_t = times["plain"], times["solo"], times["cohort"]
     t_teacher = _epoch_seconds(teacher_forward_times(cfg, data, accelerator, teacher),
                                 cfg.warmup)
-    t_data = _epoch_seconds(data_times(cfg, data, device), cfg.warmup)
-    t_bare = _epoch_seconds(bare_student_times(cfg, data, accelerator, student), cfg.warmup)
+    t_data = _epoch_seconds(data_times(cfg, data, accelerator.device), cfg.warmup)
+    t_bare = _epoch_seconds(bare_student_times(cfg, data, accelerator, Spec(cfg.student)),
+                             cfg.warmup)
     n_teach = sum(build_method(m).needs_teacher for m in cfg.methods)
     # A cohort saves what the solo runs repeat: the teacher's forward of every method that
     # has a teacher but one, and the data path of every method but one. The students' own
     # steps cannot be shared, so solo time over what is left bounds the gain.
     saved = max(n_teach - 1, 0) * t_teacher + (k - 1) * t_data
     steps = n / cfg.batch_size
-    result["teacher_epoch_s"] = t_teacher
-    result["teacher_step_ms"] = 1000 * t_teacher / steps
-    result["data_step_ms"] = 1000 * t_data / steps
-    result["bare_student_step_ms"] = 1000 * t_bare / steps
-    result["student_step_ms"] = 1000 * (sum(solo_t) - n_teach * t_teacher - k * t_data) / k / steps
-    result["methods_with_teacher"] = n_teach
     # The bare-model limit: per method, the bare student step plus, for a method with a
     # teacher, the teacher's forward; for the cohort, one teacher forward for all.
     limit_solo = k * t_bare + n_teach * t_teacher
     limit_cohort = k * t_bare + (t_teacher if n_teach else 0.0)
-    result["bare_ips"] = k * n / limit_solo
-    result["bare_cohort_ips"] = k * n / limit_cohort
-    result["solo_of_limit"] = limit_solo / sum(solo_t)
-    result["cohort_of_limit"] = limit_cohort / cohort_t
-    result["plain_of_limit"] = limit_solo / sum(plain_t)
-    result["cohort_bound"] = sum(solo_t) / max(sum(solo_t) - saved, 1e-9)
-    result["solo_vs_plain"] = result["solo_ips"] / result["plain_ips"]
-    result["cohort_vs_solo"] = result["cohort_ips"] / result["solo_ips"]
-    result["cohort_vs_plain"] = result["cohort_ips"] / result["plain_ips"]
-    result["cohort_of_bound"] = result["cohort_vs_solo"] / result["cohort_bound"]
-    return result
+    plain_ips, solo_ips, cohort_ips = k * n / sum(plain_t), k * n / sum(solo_t), k * n / cohort_t
+    bound = sum(solo_t) / max(sum(solo_t) - saved, 1e-9)
+    return {
+        "teacher_epoch_s": t_teacher,
+        "teacher_step_ms": 1000 * t_teacher / steps,
+        "data_step_ms": 1000 * t_data / steps,
+        "bare_student_step_ms": 1000 * t_bare / steps,
+        "student_step_ms": 1000 * (sum(solo_t) - n_teach * t_teacher - k * t_data) / k / steps,
+        "methods_with_teacher": n_teach,
+        "bare_ips": k * n / limit_solo,
+        "bare_cohort_ips": k * n / limit_cohort,
+        "solo_of_limit": limit_solo / sum(solo_t),
+        "cohort_of_limit": limit_cohort / cohort_t,
+        "plain_of_limit": limit_solo / sum(plain_t),
+        "cohort_bound": bound,
+        "solo_vs_plain": solo_ips / plain_ips,
+        "cohort_vs_solo": cohort_ips / solo_ips,
+        "cohort_vs_plain": cohort_ips / plain_ips,
+        "cohort_of_bound": cohort_ips / solo_ips / bound,
+    }
 
 
 def startup_timing(device: str, precision: str) -> dict[str, Any]:
@@ -455,8 +461,8 @@ def startup_timing(device: str, precision: str) -> dict[str, Any]:
     import tempfile
     from pathlib import Path
 
-    from kt_bench.cells import expand
-    from kt_bench.config import load_grid
+    from kt_bench.sweep.cells import expand
+    from kt_bench.sweep.config import load_grid
 
     (cell,) = expand(load_grid("demo").overridden(["kd"], 1, [0]))
     data = load_dataset(cell.dataset)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
-from kt_bench.errors import KtBenchError
+from kt_bench.core.errors import KtBenchError
 
 Rules = tuple[tuple[str, str], ...]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import re
 import sys
 import time
 import warnings
@@ -18,8 +17,10 @@ from typing import IO, Any
 import torch
 from tqdm.auto import tqdm
 
-from kt_bench import atomic
-from kt_bench.errors import KtBenchError, UnwritableFileError, first_line
+from kt_bench.core import atomic
+from kt_bench.core.atomic import previous_path
+from kt_bench.core.errors import KtBenchError, UnwritableFileError, first_line
+from kt_bench.core.plain_data import refusal_reason
 
 Log = Callable[[str], None]
 
@@ -36,24 +37,6 @@ class UnsafeFileError(KtBenchError):
     it could run code, so it is not loaded. The message says what it would need."""
 
 
-#: What a file may hold to load (torch.load with weights_only=True).
-PLAIN = "tensors, numbers, strings, lists and dicts"
-
-
-def refusal_reason(exc: pickle.UnpicklingError) -> str:
-    """Why torch's weights-only loader refused a file, in one line (its own message runs over
-    several and suggests loading the file unsafely)."""
-    text = str(exc)
-    needed = re.search(r"GLOBAL ([\w.]+)", text)
-    if needed:
-        return f"it needs {needed.group(1)} to load; kt-bench loads only {PLAIN}, never code"
-    operation = re.search(r"Unsupported operand (\d+)", text)
-    if operation:
-        return (f"it is not plain data (pickle operation {operation.group(1)} is not allowed; "
-                f"kt-bench loads only {PLAIN})")
-    return f"it is not plain data (kt-bench loads only {PLAIN})"
-
-
 def load_plain(file: str | os.PathLike | IO[bytes]) -> Any:
     """What ``torch.save`` wrote to ``file`` (a path or a binary file), on the CPU, read
     without running any code from it: only tensors, numbers, strings, lists, tuples, sets and
@@ -66,11 +49,6 @@ def load_plain(file: str | os.PathLike | IO[bytes]) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(refusal_reason(exc)) from None
-
-
-def previous_path(path: Path) -> Path:
-    """Where the previous copy of checkpoint ``path`` is kept (``checkpoint.prev.pt``)."""
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -141,7 +119,7 @@ def load_checkpoint(path: Path, required_keys: Sequence[str], log: Log,
     that do not fit the model) is moved aside and named in ``log``, ending with what happens
     next (``otherwise`` once no copy is left). A file that holds more than plain data counts
     as damaged (:func:`load_plain`). A file this user may not read is no damage: it stays where
-    it is, and an :class:`~kt_bench.errors.UnreadableFileError` names it. With several
+    it is, and an :class:`~kt_bench.core.errors.UnreadableFileError` names it. With several
     processes, only the ``main`` one moves files and logs; the others reach the same verdict on
     the same files."""
     candidates = [p for p in (path, previous_path(path)) if p.exists()]

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from kt_bench.errors import KtBenchError
+from kt_bench.core.errors import KtBenchError
 
 #: The tap every model has: its output. It needs no hook.
 LOGITS = "logits"

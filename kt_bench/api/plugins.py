@@ -1,4 +1,10 @@
-"""Finding method plugins: the built-in package, plugin folders and installed entry points."""
+"""Finding plugins: the built-in methods package, plugin folders and installed entry points.
+
+A plugin file registers what it defines when it is imported: methods with
+``@register_method``, models with ``@register_model`` (``kt_bench.models``) and datasets with
+``@register_dataset`` (``kt_bench.data``), any of them in one file. Entry points (group
+``kt_bench.methods``) may name a Method class or any module that registers on import.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,8 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from kt_bench.errors import KtBenchError, PluginError, first_line
-from kt_bench.method import METHODS, Method
+from kt_bench.api.method import METHODS, Method
+from kt_bench.core.errors import KtBenchError, PluginError, first_line
 
 BUILTIN_PACKAGE = "kt_bench.methods"
 ENTRY_POINT_GROUP = "kt_bench.methods"
@@ -61,7 +67,8 @@ def load_plugin_file(path: Path) -> None:
 
 
 def load_plugin_dir(folder: str | os.PathLike) -> None:
-    """Import every ``*.py`` file (not starting with ``_``) of ``folder``, in name order."""
+    """Import every ``*.py`` file (not starting with ``_``) of ``folder``, in name order; each
+    registers the methods, models and datasets it defines."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PluginError(f"plugin folder {folder} does not exist or is not a folder")
@@ -97,7 +104,9 @@ def plugin_dirs_from_env() -> list[str]:
 
 
 def load_plugins(dirs: Iterable[str | os.PathLike] = ()) -> None:
-    """Load all method plugins: built-in, ``KT_BENCH_PLUGINS``, ``dirs``, then entry points."""
+    """Load all plugins: the built-in methods, the folders of ``KT_BENCH_PLUGINS``, ``dirs``,
+    then entry points. (Built-in models and datasets register when their packages are
+    imported.)"""
     load_builtin_methods()
     for folder in [*plugin_dirs_from_env(), *dirs]:
         load_plugin_dir(folder)

@@ -9,22 +9,23 @@ from pathlib import Path
 from accelerate import Accelerator
 from torch import nn
 
-from kt_bench import atomic
-from kt_bench.cells import Cell, config_hash
-from kt_bench.checkpoints import (
+from kt_bench.api.method import CrossEntropyOnly
+from kt_bench.core import atomic
+from kt_bench.core.errors import KtBenchError, first_line
+from kt_bench.core.locks import FileLock
+from kt_bench.data.bundle import DataBundle
+from kt_bench.models import build_model
+from kt_bench.sweep.cells import Cell, config_hash
+from kt_bench.training.checkpoints import (
     UnsafeFileError,
     load_checkpoint,
     load_plain,
     log_beside,
     remove_checkpoint,
 )
-from kt_bench.data.bundle import DataBundle
-from kt_bench.engine import evaluate, train
-from kt_bench.errors import KtBenchError, first_line
-from kt_bench.locks import FileLock
-from kt_bench.method import CrossEntropyOnly
-from kt_bench.models import build_model
-from kt_bench.reference_checkpoints import fit_state
+from kt_bench.training.engine import evaluate, train
+from kt_bench.training.hooks import standard_hooks
+from kt_bench.training.reference_checkpoints import fit_state
 
 
 def teacher_path(cache_dir: Path, cell: Cell) -> Path:
@@ -54,7 +55,7 @@ def _teacher_file(checkpoint: str, sha256: str | None) -> bytes:
 def load_state(model: nn.Module, checkpoint: str, sha256: str | None = None) -> None:
     """Load a user's checkpoint into ``model``: a state dict, or a dict holding one under
     ``model``, ``state_dict`` or ``net``, named as kt-bench names the weights or as
-    RepDistiller's published teachers do (kt_bench.reference_checkpoints); a mismatch is a
+    RepDistiller's published teachers do (kt_bench.training.reference_checkpoints); a mismatch is a
     one-line error. The file is read without running code from it: one that holds more than
     plain data is refused in one line. With ``sha256``, the file must still have that
     content."""
@@ -110,7 +111,7 @@ def _load_cached(cell: Cell, data: DataBundle, accelerator: Accelerator,
     """The cached teacher at ``path`` and its metrics; None when there is none, or when it is
     damaged or holds more than plain data (then it is moved aside, and named on stderr and in
     the cache's log.txt). A cache file this user may not read is an
-    :class:`~kt_bench.errors.UnreadableFileError`, and stays as it is."""
+    :class:`~kt_bench.core.errors.UnreadableFileError`, and stays as it is."""
     if not path.exists():
         return None
     model = build_model(cell.teacher, data.num_classes, data.in_channels)
@@ -144,7 +145,7 @@ def _get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
     ckpt = path.with_suffix(".ckpt")
     result = train(data, cell.teacher, CrossEntropyOnly(), cell.teacher_recipe,
                    cell.teacher_training_seed, accelerator, checkpoint=ckpt,
-                   desc=f"teacher {cell.teacher.label}")
+                   hooks=standard_hooks(accelerator, f"teacher {cell.teacher.label}"))
     metrics = {"top1": result.top1, "top5": result.top5, "wall_s": result.wall_s}
     if accelerator.is_main_process:
         atomic.torch_save(path, {"model": result.model.state_dict(), "metrics": metrics,

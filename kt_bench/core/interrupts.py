@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from types import CodeType, TracebackType
 
-from kt_bench.errors import KtBenchError
+from kt_bench.core.errors import KtBenchError
 
 #: Exit statuses of a run stopped by SIGINT and by SIGTERM: 128 + the signal's number, as a
 #: shell reports a process the signal ended.

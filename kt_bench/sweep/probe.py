@@ -1,52 +1,19 @@
-"""Checks made before anything trains: the device and precision, the output folder, and every
-method and model of a grid built and set up on a probe batch (for ``run --dry-run``)."""
+"""Checks made before anything trains: every method and model of a grid built and set up on
+a probe batch (for ``run`` and ``run --dry-run``)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from kt_bench.cells import Cell, config_hash
-from kt_bench.errors import KtBenchError, first_line
-from kt_bench.spec import Spec
-from kt_bench.taps import LOGITS
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Create ``folder`` (and its parents) and write and remove a file in it; a one-line
-    error naming ``what`` (e.g. ``--out``) if that fails."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=folder, prefix=".kt-bench-write-check-")
-        os.close(handle)
-        os.unlink(name)
-    except OSError as exc:
-        raise KtBenchError(f"{what} {folder} cannot be created or written: "
-                           f"{exc.strerror or first_line(exc)}; accepted: a folder you can "
-                           "write to") from None
-
-
-def check_could_write(folder: Path, what: str) -> None:
-    """Like :func:`check_writable`, but creating nothing: the nearest existing folder on
-    ``folder``'s path must be a folder this process may write to."""
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        reason = f"{existing} is not a folder"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        reason = f"{existing} is not writable"
-    else:
-        return
-    raise KtBenchError(f"{what} {folder} cannot be created or written: {reason}; accepted: "
-                       "a folder you can write to")
+from kt_bench.core.errors import KtBenchError, first_line
+from kt_bench.core.options import Spec
+from kt_bench.models.taps import LOGITS
+from kt_bench.sweep.cells import Cell, config_hash
 
 
 @contextlib.contextmanager
@@ -106,10 +73,10 @@ class _Networks:
 
     def tap_shapes(self, spec: Spec, dataset: Spec, taps: tuple[str, ...]
                    ) -> dict[str, torch.Size]:
-        """What :func:`kt_bench.engine.tap_shapes` gives for ``spec`` on ``dataset``'s probe
-        batch: the shapes of ``taps`` and of the logits (its own error for a tap the model
-        lacks)."""
-        from kt_bench.engine import tap_shapes
+        """What :func:`~kt_bench.training.lifecycle.tap_shapes` gives for ``spec`` on
+        ``dataset``'s probe batch: the shapes of ``taps`` and of the logits (its own error for a
+        tap the model lacks)."""
+        from kt_bench.training.lifecycle import tap_shapes
 
         key, model = self.model(spec, dataset)
         probe = _probe_batch(dataset)
@@ -130,7 +97,7 @@ def check_teacher_checkpoints(cells: list[Cell]) -> list[str]:
     """Load each teacher checkpoint of ``cells`` (``--teacher-checkpoint``, a pair's own, a
     published one) into its teacher's architecture, built for the cell's dataset, as a run
     would; one line per checkpoint that is missing, is no checkpoint or does not fit."""
-    from kt_bench.teachers import load_state
+    from kt_bench.sweep.teachers import load_state
 
     networks = _Networks()
     seen: set[str] = set()
@@ -163,7 +130,7 @@ def _size_problem(spec: Spec, dataset: Spec, networks: _Networks,
     it runs on images of another size: the dataset's ``image_size`` does not suit it. None
     when it fails on those too (not the size's fault)."""
     from kt_bench.data import dataset_info
-    from kt_bench.engine import tap_shapes
+    from kt_bench.training.lifecycle import tap_shapes
 
     info = dataset_info(dataset)
     model = networks.model(spec, dataset)[1]
@@ -199,10 +166,10 @@ def _forward_problem(cell: Cell, networks: _Networks, seen: dict[str, str | None
 
 
 def _probe_one(cell: Cell, networks: _Networks, sizes: dict[str, str | None]) -> str | None:
-    """Build ``cell``'s method and networks and set the method up on a probe batch as
-    :func:`kt_bench.engine.setup_method` does; the failure as one line naming the method and
-    the pair, or None."""
-    from kt_bench.method import NotApplicable, build_method
+    """Build ``cell``'s method and networks and prepare the method on a probe batch as the
+    engine does (:func:`~kt_bench.training.lifecycle.prepare_method`); the failure as one line
+    naming the method and the pair, or None."""
+    from kt_bench.api.method import NotApplicable, build_method
 
     size_problem = _forward_problem(cell, networks, sizes)
     if size_problem:
@@ -212,12 +179,13 @@ def _probe_one(cell: Cell, networks: _Networks, sizes: dict[str, str | None]) ->
         method = build_method(cell.method, cell.method_config)
         if method.needs_teacher:
             from kt_bench.data import dataset_info
+            from kt_bench.training.lifecycle import prepare_method
 
             info = dataset_info(cell.dataset)  # stand-in labels: every class, balanced
-            method.setup_data(torch.arange(info.n_train) % info.num_classes, info.num_classes)
-            method.setup_teacher(networks.model(cell.teacher, cell.dataset)[1])
-            method.setup(networks.tap_shapes(cell.student, cell.dataset, method.taps),
-                         networks.tap_shapes(cell.teacher, cell.dataset, method.taps))
+            prepare_method(method, networks.model(cell.teacher, cell.dataset)[1],
+                           torch.arange(info.n_train) % info.num_classes, info.num_classes,
+                           lambda taps: networks.tap_shapes(cell.student, cell.dataset, taps),
+                           lambda taps: networks.tap_shapes(cell.teacher, cell.dataset, taps))
     except _BuildFailed as exc:
         return str(exc)
     except NotApplicable:  # a finished n/a row when it runs, as the published tables say

@@ -8,6 +8,7 @@ the members' weighted terms; nobody writes combinations by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -18,10 +19,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kt_bench.errors import ConfigError, KtBenchError, first_line
-from kt_bench.interrupts import cell_failure
-from kt_bench.registry import Registry
-from kt_bench.spec import plain, resolve_options
+from kt_bench.core.errors import ConfigError, KtBenchError, PluginError, first_line
+from kt_bench.core.interrupts import cell_failure
+from kt_bench.core.options import plain, resolve_options
+from kt_bench.core.registry import Registry
 
 Taps = Mapping[str, torch.Tensor]
 Shapes = Mapping[str, torch.Size]
@@ -36,7 +37,7 @@ class NotApplicable(KtBenchError):
     which the published table marks N/A); the cell's row gets status ``n/a`` and the reason."""
 
 
-#: The stage of an initialisation epoch (see :attr:`Method.init_epochs`) and of the others.
+#: The stage of an initialisation epoch (see :class:`InitStage`) and of the others.
 INIT, MAIN = "init", "main"
 
 
@@ -56,13 +57,102 @@ class Batch:
     seed: int = 0
 
 
+#: The teacher's modes a method may ask for (see :attr:`Needs.teacher_mode`).
+TEACHER_EVAL, TEACHER_BATCH_STATISTICS = "eval", "batch_statistics"
+TEACHER_MODES = (TEACHER_EVAL, TEACHER_BATCH_STATISTICS)
+
+
+@dataclass(frozen=True)
+class InitStage:
+    """An initialisation stage run before the recipe's epochs (RepDistiller's ``init_epochs``
+    for AB, FT and FSP): ``epochs`` epochs whose loss is :meth:`Method.init_term_weights` over
+    the terms :meth:`Method.loss_terms` returns for ``batch.stage == "init"``, without
+    cross-entropy, optimised by its own SGD at a constant ``lr`` (None: the recipe's lr);
+    parameters that get no gradient then are left alone (no weight decay either).
+    ``trains_student``: whether the student's BatchNorm layers train in the stage (False: the
+    student runs in eval mode, as RepDistiller's FT initialisation does)."""
+
+    epochs: int
+    lr: float | None = None
+    trains_student: bool = True
+
+
+def init_stage(epochs: int, lr: float | None = None, trains_student: bool = True
+               ) -> InitStage | None:
+    """The :class:`InitStage` of ``epochs`` epochs at ``lr`` (None where ``epochs`` is 0); a
+    ValueError (the grid's one-line error) for epochs that are no integer >= 0 or an lr that
+    is neither None nor > 0."""
+    if int(epochs) != epochs or epochs < 0:
+        raise ValueError(f"init_epochs must be an integer >= 0, got {epochs}")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"init_lr must be None (the recipe's lr) or > 0, got {lr}")
+    if not epochs:
+        return None
+    return InitStage(int(epochs), None if lr is None else float(lr), trains_student)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs of the engine, declared in one place.
+
+    ``taps``: the canonical taps read from both student and teacher (none: the teacher never
+    runs). ``teacher_mode``: ``"eval"`` (the frozen teacher's BatchNorm on its running
+    statistics) or ``"batch_statistics"`` (on each batch's statistics, as mdistiller runs
+    OFD's teacher; the engine runs a private train-mode copy, the shared teacher is
+    untouched). ``labels``/``indices``: whether :meth:`Method.loss_terms` reads the batch's
+    labels / the samples' indices in the training set (a caller that cannot give them gets a
+    one-line error). ``init``: an :class:`InitStage`, or None. ``float32_terms``: whether the
+    terms must be computed in float32 under bf16/fp16 autocast (the taps are cast to float32
+    and autocast is off inside :meth:`Method.loss_terms`).
+    """
+
+    taps: tuple[str, ...] = ()
+    teacher_mode: str = TEACHER_EVAL
+    labels: bool = False
+    indices: bool = False
+    init: InitStage | None = None
+    float32_terms: bool = False
+
+    def __post_init__(self) -> None:
+        if self.teacher_mode not in TEACHER_MODES:
+            raise PluginError(f"Needs(teacher_mode={self.teacher_mode!r}) is invalid; "
+                              f"accepted: {', '.join(TEACHER_MODES)}")
+        object.__setattr__(self, "taps", tuple(self.taps))
+
+    @property
+    def teacher(self) -> bool:
+        """Whether the teacher must run (any tap requested)."""
+        return bool(self.taps)
+
+    @property
+    def init_epochs(self) -> int:
+        """The initialisation stage's epochs (0 without one)."""
+        return self.init.epochs if self.init is not None else 0
+
+
+#: Attributes of earlier versions of the API that :class:`Needs` replaces.
+_RETIRED = {
+    "init_epochs": "needs.init (init_stage(epochs, lr))",
+    "init_lr": "needs.init (init_stage(epochs, lr))",
+    "init_trains_student": "needs.init (init_stage(..., trains_student=False))",
+    "teacher_batch_statistics": 'Needs(teacher_mode="batch_statistics")',
+    "float32_terms": "Needs(float32_terms=True)",
+}
+
+#: The one signature of :meth:`Method.loss_terms`.
+_LOSS_TERMS_PARAMETERS = ["self", "student", "teacher", "batch"]
+
+
 class Method(nn.Module):
     """Base class of a knowledge-transfer method (an ``nn.Module`` so it can own parameters).
 
     Subclasses set ``default_weight`` and take their options as keyword arguments of
     ``__init__``, each with a default that is a plain value (number, string, bool, list or
-    None); ``weight`` is always accepted and scales the method's terms. ``taps`` lists the
-    canonical taps needed from both student and teacher.
+    None); ``weight`` is always accepted and scales the method's terms. What the method needs
+    of the engine (its taps, the teacher's mode, the batch's labels or indices, an
+    initialisation stage, float32 terms) is its :class:`Needs`: a class attribute ``needs``,
+    or set on the instance where it depends on the options (``self.taps = ...`` is short for
+    replacing ``needs.taps``).
 
     A method's options are data: :func:`build_method` records every keyword argument it was
     built with (defaults included) in :attr:`options`, cells store them, and the runner
@@ -71,42 +161,53 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     default_weight: ClassVar[float] = 1.0
-    #: Epochs of an initialisation stage run before the recipe's epochs (RepDistiller's
-    #: ``init_epochs`` for AB, FT and FSP): its loss is :meth:`init_term_weights` over the
-    #: terms :meth:`loss_terms` returns for ``batch.stage == "init"``, without cross-entropy,
-    #: optimised by its own SGD at a constant ``init_lr`` (None: the recipe's lr); parameters
-    #: that get no gradient then are left alone (no weight decay either).
-    init_epochs: int = 0
-    init_lr: float | None = None
-    #: Whether the student's BatchNorm layers train during the initialisation stage (False:
-    #: the student runs in eval mode there, as RepDistiller's FT initialisation does).
-    init_trains_student: bool = True
-    #: Whether the method sees the teacher's taps with its BatchNorm on the batch's statistics
-    #: (the teacher in train mode, as mdistiller's OFD runs it) rather than on its running
-    #: ones; the engine runs a private copy for such methods, the shared teacher is untouched.
-    teacher_batch_statistics: bool = False
     #: The cross-entropy weight the method trains with unless ``ce_weight`` is given; None:
     #: the recipe's.
     default_ce_weight: ClassVar[float | None] = None
-    #: Whether the method's terms must be computed in float32 under bf16/fp16 autocast (the
-    #: taps are then cast to float32 and autocast is off inside :meth:`loss_terms`), for a
-    #: method whose accuracy the lower precision would cost.
-    float32_terms: bool = False
+    #: What the method needs of the engine (see :class:`Needs`).
+    needs: Needs = Needs()
 
     def __init__(self, weight: float | None = None) -> None:
         super().__init__()
         self.weight = float(self.default_weight if weight is None else weight)
-        self.taps: tuple[str, ...] = ()
+        self.needs = type(self).needs
         #: The cross-entropy weight this method trains with; None: the recipe's ``ce_weight``.
         #: Set by the option ``ce_weight``, which every method accepts.
         self.ce_weight: float | None = None
         #: The complete options this method was built with (set by :func:`build_method`).
         self.options: dict[str, Any] = {"weight": self.weight, "ce_weight": None}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        retired = [name for name in _RETIRED if name in vars(cls)]
+        if retired:
+            raise PluginError(f"method class {cls.__name__}: '{retired[0]}' is no longer read; "
+                              f"declare it as {_RETIRED[retired[0]]}")
+        parameters = list(inspect.signature(cls.loss_terms).parameters)
+        if parameters != _LOSS_TERMS_PARAMETERS:
+            raise PluginError(f"method class {cls.__name__}: loss_terms takes "
+                              f"({', '.join(parameters)}); accepted: "
+                              f"loss_terms(self, student, teacher, batch)")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _RETIRED:
+            raise PluginError(f"method {type(self).__name__}: '{name}' is no longer read; "
+                              f"declare it as {_RETIRED[name]}")
+        super().__setattr__(name, value)
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The canonical taps the method reads (``needs.taps``)."""
+        return self.needs.taps
+
+    @taps.setter
+    def taps(self, value: tuple[str, ...]) -> None:
+        self.needs = dataclasses.replace(self.needs, taps=tuple(value))
+
     @property
     def needs_teacher(self) -> bool:
         """Whether the teacher must run (any tap requested)."""
-        return bool(self.taps)
+        return self.needs.teacher
 
     def setup_data(self, labels: torch.Tensor, num_classes: int) -> None:
         """Read what the method needs of the training set (its labels, in sample-index order,
@@ -119,33 +220,19 @@ class Method(nn.Module):
     def setup(self, student_shapes: Shapes, teacher_shapes: Shapes) -> None:
         """Build trainable parts from the taps' shapes (one batch, seen before training)."""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # a plugin reads the batch by declaring a ``batch`` parameter of loss_terms
-        cls._wants_batch = "batch" in inspect.signature(cls.loss_terms).parameters
-
-    def loss_terms(self, student: Taps, teacher: Taps) -> dict[str, torch.Tensor]:
-        """The method's unweighted loss terms, each a scalar tensor, keyed by term name.
-
-        A method that needs the batch's labels (or its place in training) declares a third
-        parameter ``batch`` (a :class:`Batch`): ``loss_terms(self, student, teacher, batch)``.
-        """
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
+        """The method's unweighted loss terms, each a scalar tensor, keyed by term name, from
+        the student's and the teacher's taps and the step's :class:`Batch` (its labels, the
+        samples' indices, the stage, epoch and seed)."""
         return {}
 
-    def terms(self, student: Taps, teacher: Taps, batch: Batch | None) -> dict[str, torch.Tensor]:
-        """:meth:`loss_terms`, given the batch where the method asks for it (in float32,
-        autocast off, where the method sets :attr:`float32_terms`)."""
-        device = _device_type(student) if self.float32_terms else None
+    def terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
+        """:meth:`loss_terms`, in float32 with autocast off where ``needs.float32_terms``."""
+        device = _device_type(student) if self.needs.float32_terms else None
         if device is not None and torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
-                return self._loss_terms(_float32(student), _float32(teacher), batch)
-        return self._loss_terms(student, teacher, batch)
-
-    def _loss_terms(self, student: Taps, teacher: Taps, batch: Batch | None
-                    ) -> dict[str, torch.Tensor]:
-        if self._wants_batch:
-            return self.loss_terms(student, teacher, batch)
-        return self.loss_terms(student, teacher)
+                return self.loss_terms(_float32(student), _float32(teacher), batch)
+        return self.loss_terms(student, teacher, batch)
 
     def term_weights(self, epoch: int, epochs: int) -> dict[str, float]:
         """Weight of each term in ``epoch`` (0-based) of ``epochs``; default: ``weight`` always."""
@@ -198,17 +285,18 @@ class CombinedMethod(Method):
     def __init__(self, members: list[Method]) -> None:
         super().__init__(weight=1.0)
         self.members = nn.ModuleList(members)
-        self.taps = tuple(dict.fromkeys(t for m in members for t in m.taps))
-        initialising = [m for m in members if m.init_epochs]
+        initialising = [m for m in members if m.needs.init is not None]
         if len(initialising) > 1:
             names = "+".join(m.name for m in members)
             raise ConfigError(f"method '{names}': at most one member may have an "
                               "initialisation stage")
-        self.teacher_batch_statistics = any(m.teacher_batch_statistics for m in members)
-        if initialising:
-            init = initialising[0]
-            self.init_epochs, self.init_lr = init.init_epochs, init.init_lr
-            self.init_trains_student = init.init_trains_student
+        self.needs = Needs(
+            taps=tuple(dict.fromkeys(t for m in members for t in m.taps)),
+            teacher_mode=next((m.needs.teacher_mode for m in members
+                               if m.needs.teacher_mode != TEACHER_EVAL), TEACHER_EVAL),
+            labels=any(m.needs.labels for m in members),
+            indices=any(m.needs.indices for m in members),
+            init=initialising[0].needs.init if initialising else None)
         ce = {m.ce_weight for m in members if m.ce_weight is not None}
         if len(ce) > 1:
             names = "+".join(m.name for m in members)
@@ -230,9 +318,8 @@ class CombinedMethod(Method):
         for m in self.members:
             m.setup(student_shapes, teacher_shapes)
 
-    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch | None = None
-                   ) -> dict[str, torch.Tensor]:
-        """The union of the members' terms."""
+    def loss_terms(self, student: Taps, teacher: Taps, batch: Batch) -> dict[str, torch.Tensor]:
+        """The union of the members' terms (each member's in float32 where it asks)."""
         out: dict[str, torch.Tensor] = {}
         for m in self.members:
             out.update(m.terms(student, teacher, batch))
@@ -249,7 +336,7 @@ class CombinedMethod(Method):
         """The union of the initialising members' weights."""
         out: dict[str, float] = {}
         for m in self.members:
-            if m.init_epochs:
+            if m.needs.init is not None:
                 out.update(m.init_term_weights(epoch, epochs))
         return out
 

@@ -15,18 +15,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from kt_bench import atomic
-from kt_bench.cells import Cell
+from kt_bench.api.method import Method, NotApplicable, build_method
+from kt_bench.core import atomic
+from kt_bench.core.clock import CLOCK
+from kt_bench.core.errors import KtBenchError, first_line
+from kt_bench.core.interrupts import cell_failure, is_stop, stop_reason
+from kt_bench.core.locks import FileLock
 from kt_bench.data import load_dataset
 from kt_bench.data.bundle import DataBundle
-from kt_bench.engine import DivergedError, TrainResult, train_cohort
-from kt_bench.errors import KtBenchError, first_line
-from kt_bench.interrupts import cell_failure, is_stop, stop_reason
-from kt_bench.locks import FileLock
-from kt_bench.method import Method, NotApplicable, build_method
-from kt_bench.rows import finished_row, result_path, write_results_csv
-from kt_bench.startup import CLOCK
-from kt_bench.teachers import get_teacher
+from kt_bench.sweep.cells import Cell
+from kt_bench.sweep.rows import finished_row, result_path, write_results_csv
+from kt_bench.sweep.teachers import get_teacher
+from kt_bench.training.engine import DivergedError, TrainResult, train_cohort
+from kt_bench.training.hooks import standard_hooks
 
 
 class RowsNotKept(KtBenchError):
@@ -41,7 +42,7 @@ def _row_identity(cell: Cell, world_size: int) -> dict[str, Any]:
 @contextlib.contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """Within the block, an OSError is the one-line error ``cannot write PATH: reason`` (the
-    writes of :mod:`kt_bench.atomic` raise such errors themselves)."""
+    writes of :mod:`kt_bench.core.atomic` raise such errors themselves)."""
     try:
         yield
     except OSError as exc:
@@ -200,8 +201,9 @@ def _train_built(cells: list[Cell], built: dict[int, Method], dirs: list[Path],
             else f"cohort of {len(built)} s{cells[0].seed}")
     trained = train_cohort(data, cells[0].student, list(built.values()), cells[0].recipe,
                            cells[0].seed, accelerator, teacher,
-                           [dirs[i] / "checkpoint.pt" for i in built], desc,
-                           [_epoch_logger(dirs[i]) for i in built], compile)
+                           [dirs[i] / "checkpoint.pt" for i in built],
+                           [_epoch_logger(dirs[i]) for i in built], compile,
+                           standard_hooks(accelerator, desc, len(built)))
     return dict(zip(built, trained, strict=True))
 
 

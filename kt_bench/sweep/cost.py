@@ -8,11 +8,11 @@ import json
 import torch
 from torch import nn
 
-from kt_bench.cells import Cell, config_hash
+from kt_bench.api.method import build_method
+from kt_bench.core.options import Spec
 from kt_bench.data import dataset_info
-from kt_bench.method import build_method
 from kt_bench.models import build_model
-from kt_bench.spec import Spec
+from kt_bench.sweep.cells import Cell, config_hash
 
 #: Assumed sustained throughput of one GPU on these networks (FLOP/s); a rough figure for
 #: mixed-precision training of convolutional networks, not a measurement.
@@ -67,7 +67,7 @@ def cell_flops(cell: Cell) -> float:
     if method.needs_teacher:
         per_image += model_macs(cell.teacher, cell.dataset)
     # an initialisation stage (AB, FT, FSP) adds its epochs
-    return 2.0 * per_image * info.n_train * (cell.recipe.epochs + method.init_epochs)
+    return 2.0 * per_image * info.n_train * (cell.recipe.epochs + method.needs.init_epochs)
 
 
 def teacher_flops(cell: Cell) -> float:

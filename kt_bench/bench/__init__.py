@@ -1,0 +1,1 @@
+"""The speed benchmark behind kt-bench bench, apart from the core."""
