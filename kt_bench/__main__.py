@@ -2,6 +2,6 @@
 
 import sys
 
-from kt_bench.cli import main
+from kt_bench.commands.main import main
 
 sys.exit(main())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kt_bench.cli import main
-from kt_bench.rows import RESULT_COLUMNS
+from kt_bench.commands.main import main
+from kt_bench.sweep.rows import RESULT_COLUMNS
 
 from .conftest import write_tiny_grid
 
@@ -130,13 +130,13 @@ def test_failed_cell_is_recorded_and_the_grid_goes_on(tmp_path, capsys):
         "@register_method('explodes')\n"
         "class Explodes(KD):\n"
         "    '''Raises from its loss.'''\n"
-        "    def loss_terms(self, s, t):\n"
+        "    def loss_terms(self, student, teacher, batch):\n"
         "        raise ValueError('boom\\nsecond line')\n\n"
         "@register_method('nan_loss')\n"
         "class NaNLoss(KD):\n"
         "    '''Returns NaN.'''\n"
-        "    def loss_terms(self, s, t):\n"
-        "        return {self.name: s['logits'].sum() * float('nan')}\n")
+        "    def loss_terms(self, student, teacher, batch):\n"
+        "        return {self.name: student['logits'].sum() * float('nan')}\n")
     grid = write_tiny_grid(tmp_path, methods=("explodes", "nan_loss", "kd"))
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out),

@@ -14,9 +14,9 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from kt_bench.errors import first_line  # noqa: E402
-from kt_bench.report import BASELINE, param_columns  # noqa: E402
-from kt_bench.rows import warn_once  # noqa: E402
+from kt_bench.core.errors import first_line  # noqa: E402
+from kt_bench.reporting.report import BASELINE, param_columns  # noqa: E402
+from kt_bench.sweep.rows import warn_once  # noqa: E402
 
 
 def _save(fig, folder: Path, name: str) -> list[Path]:

@@ -14,7 +14,7 @@ from importlib import resources
 import pandas as pd
 from tabulate import tabulate
 
-from kt_bench.precision import PRECISION_NAMES
+from kt_bench.core.precision import PRECISION_NAMES
 
 BASELINE = "student"
 KEYS = ["dataset", "teacher", "student", "method"]

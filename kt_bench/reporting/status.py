@@ -3,53 +3,21 @@ runners write (no scheduler is asked, so it works for plain, local and Slurm run
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from kt_bench import atomic
-from kt_bench.cells import Cell
-from kt_bench.checkpoints import previous_path
-from kt_bench.errors import KtBenchError, UnreadableFileError
-from kt_bench.locks import FileLock, holder
-from kt_bench.rows import DamagedRowError, load_row, warn_once
+from kt_bench.core import atomic
+from kt_bench.core.errors import KtBenchError, UnreadableFileError
+from kt_bench.core.locks import holder
+from kt_bench.sweep.manifest import MANIFEST, read_manifest
+from kt_bench.sweep.rows import DamagedRowError, load_row
 
-MANIFEST = "manifest.json"
 #: A cell's state when it has no row yet.
 RUNNING, INTERRUPTED, PENDING = "running", "interrupted", "pending"
 #: A cell whose row this process may not read (another user's): left to its owner.
 UNREADABLE = "unreadable"
-
-
-def write_manifest(out: Path, cells: list[Cell]) -> None:
-    """Add ``cells`` to ``out/manifest.json`` (the cells asked for in this folder), so that
-    cells not started yet show as pending."""
-    with FileLock(out / ".manifest.lock"):
-        known = _read_manifest(out, "rewritten", "status finds the cells by their config.json")
-        if known is None:  # another user's: not replaced
-            return
-        known.update({c.cell_id: c.identity() for c in cells})
-        atomic.write_json(out / MANIFEST, known)
-
-
-def _read_manifest(out: Path, then: str, unreadable: str) -> dict[str, dict[str, Any]] | None:
-    """The cells of ``out/manifest.json``; none (with a warning saying ``then``) when it is
-    damaged; None (with a warning saying ``unreadable``) when this user may not read it."""
-    path = out / MANIFEST
-    if not path.exists():
-        return {}
-    try:
-        known = atomic.read_json(path)
-    except UnreadableFileError as exc:
-        warn_once(f"{exc}; {unreadable}")
-        return None
-    if not isinstance(known, dict):
-        print(f"kt-bench: warning: {path} is damaged (not a JSON object); {then}",
-              file=sys.stderr)
-        return {}
-    return {k: v for k, v in known.items() if isinstance(v, dict)}
 
 
 def _identity_from_config(cell_dir: Path) -> dict[str, Any]:
@@ -97,7 +65,7 @@ def cell_states(out: Path) -> pd.DataFrame:
     """One row per cell of ``out``: its identity, state (a row's status, or running,
     interrupted, pending), epochs done and, while running, who runs it."""
     then = "shown from the cells' config.json files"
-    known = _read_manifest(out, then, then) or {}
+    known = read_manifest(out, then, then) or {}
     for cfg_path in sorted((out / "cells").glob("*/config.json")):
         if cfg_path.parent.name not in known:
             known[cfg_path.parent.name] = _identity_from_config(cfg_path.parent)
@@ -119,7 +87,7 @@ def cell_states(out: Path) -> pd.DataFrame:
         elif result is not None:
             row.update(state=result["status"], error=result.get("error", ""),
                        top1=result.get("top1"))
-        elif checkpoint.exists() or previous_path(checkpoint).exists():
+        elif checkpoint.exists() or atomic.previous_path(checkpoint).exists():
             row["state"] = INTERRUPTED
         else:
             row["state"] = PENDING

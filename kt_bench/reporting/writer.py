@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from kt_bench import atomic
-from kt_bench.plots import accuracy_plot, cost_plot, curves_plot, sensitivity_plots
-from kt_bench.precision import describe_precision
-from kt_bench.report import (
+from kt_bench.core import atomic
+from kt_bench.core.precision import describe_precision
+from kt_bench.reporting.plots import accuracy_plot, cost_plot, curves_plot, sensitivity_plots
+from kt_bench.reporting.report import (
     CONFIDENCE,
     display_table,
     latex_pivot,
     load_reference,
     markdown_pivot,
     summarise,
+    versus_table,
 )
-from kt_bench.rows import read_rows
+from kt_bench.sweep.rows import read_rows
 
 #: What the tables of a report without usable rows say.
 NO_RESULTS = "(no results)"
@@ -88,3 +89,13 @@ def write_report(out: Path, rows: pd.DataFrame | None = None) -> Path:
     path = out / "report.md"
     atomic.write_text(path, "\n".join(text))
     return path
+
+
+def write_versus(out: Path, rows: pd.DataFrame, factor: str, reference: str) -> tuple[str, Path]:
+    """Write ``out/report/versus-<factor>.md``: the paired top-1 change of every method
+    between settings that differ only in ``factor``, against ``factor`` = ``reference``;
+    return the table's text and the file's path."""
+    text = versus_table(rows, factor, reference)
+    path = out / "report" / f"versus-{factor}.md"
+    atomic.write_text(path, text + "\n")
+    return text, path

@@ -6,15 +6,15 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kt_bench import atomic
-from kt_bench.config import Grid, Recipe, merge_options
-from kt_bench.errors import KtBenchError
-from kt_bench.method import method_config, split_method_name
-from kt_bench.spec import Spec
+from kt_bench.core import atomic
+from kt_bench.core.errors import KtBenchError
+from kt_bench.core.options import Spec
+from kt_bench.sweep.config import Grid, Recipe, merge_options
 
 
 def config_hash(config: Any, length: int = 12) -> str:
@@ -41,7 +41,7 @@ def file_sha256(path: str | os.PathLike) -> str | None:
     """The SHA-256 (hex) of the content of the file ``path``; None when there is no such file
     (whoever loads it says so). Each file is read once per process while it stays the same
     file with the same size and times. A file this user may not read is an
-    :class:`~kt_bench.errors.UnreadableFileError`."""
+    :class:`~kt_bench.core.errors.UnreadableFileError`."""
     absolute = os.path.abspath(path)
     try:
         st = os.stat(absolute)
@@ -175,7 +175,32 @@ def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = N
     unpacked published teachers of RepDistiller/mdistiller) gives each pair without a
     checkpoint of its own the published weights of its teacher. A cell that occurs twice (a
     grid included twice, a method listed twice) is kept once, where it first occurs."""
-    cells: list[Cell] = []
+    # here: the method API loads torch, which readers of a results folder never need
+    from kt_bench.api.method import split_method_name
+
+    cells = [_cell(grid.name, *point, precision)
+             for point in _points(grid, split_method_name, teacher_checkpoint, teachers_dir)]
+    return _first_of_each(cells)
+
+
+def count_cells(grid: Grid) -> int:
+    """How many cells :func:`expand` gives for ``grid``, known without the method API (no
+    torch): its points counted once each, by their settings as the grid writes them."""
+    seen = {json.dumps([dataset.to_dict(), pair.teacher.to_dict(),
+                        pair.student.to_dict(), pair.teacher_checkpoint,
+                        (pair.recipe or leaf.recipe).to_dict(), leaf.teacher_recipe.to_dict(),
+                        leaf.teacher_seed, seed, method, params,
+                        merge_options(leaf.method_options, pair.method_options)],
+                       sort_keys=True, default=str)
+            for leaf, dataset, pair, seed, method, params, _ in
+            _points(grid, lambda m: m.split("+"), None, None)}
+    return len(seen)
+
+
+def _points(grid: Grid, members: Callable[[str], list[str]], teacher_checkpoint: str | None,
+            teachers_dir: str | None) -> Iterator[tuple]:
+    """Each cell's place in ``grid`` in run order: (leaf grid, dataset, pair, seed, method,
+    swept values, teacher checkpoint); ``members`` splits a method name into its members."""
     for leaf in grid.leaves():
         for dataset in leaf.datasets:
             for pair in leaf.pairs:
@@ -184,15 +209,13 @@ def expand(grid: Grid, precision: str = "no", teacher_checkpoint: str | None = N
                             if teachers_dir else None))
                 for seed in leaf.seeds:
                     for method in leaf.methods:
-                        for params in _sweep_points(leaf, split_method_name(method)):
-                            cells.append(_cell(grid.name, leaf, dataset, pair, seed, method,
-                                               params, precision, ckpt))
-    return _first_of_each(cells)
+                        for params in _sweep_points(leaf, members(method)):
+                            yield leaf, dataset, pair, seed, method, params, ckpt
 
 
 def published_teacher(folder: str, teacher: str) -> str:
     """Where the unpacked published teachers ``folder`` keeps ``teacher``'s weights."""
-    from kt_bench.reference_checkpoints import reference_teacher_path
+    from kt_bench.training.reference_checkpoints import reference_teacher_path
 
     return str(reference_teacher_path(folder, teacher))
 
@@ -224,7 +247,10 @@ def _sweep_points(grid: Grid, members: list[str]) -> list[dict[str, Any]]:
 
 
 def _cell(name: str, leaf: Grid, dataset: Spec, pair, seed: int, method: str,
-          params: dict[str, Any], precision: str, teacher_checkpoint: str | None) -> Cell:
+          params: dict[str, Any], teacher_checkpoint: str | None, precision: str) -> Cell:
+    # here: the method API loads torch, which readers of a results folder never need
+    from kt_bench.api.method import method_config
+
     swept: dict[str, dict[str, Any]] = {}
     for key, value in params.items():
         member, _, option = key.partition(".")

@@ -10,15 +10,24 @@ from the checkpoint of its last finished epoch. ``submitit`` is an optional extr
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kt_bench.cells import Cell
-from kt_bench.config import LauncherConfig
-from kt_bench.errors import KtBenchError, first_line
+import pandas as pd
+
+from kt_bench.core.errors import KtBenchError, first_line
+from kt_bench.sweep.cells import Cell
+from kt_bench.sweep.config import LauncherConfig
+from kt_bench.sweep.manifest import write_manifest
+from kt_bench.sweep.rows import finished_row, write_results_csv
 
 LAUNCHERS = ("local", "slurm")
+#: The ``[launcher]`` keys a command line may replace.
+LAUNCHER_KEYS = ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "time_min",
+                 "array_parallelism", "max_array_size", "account", "qos")
 
 
 @dataclass
@@ -48,9 +57,9 @@ class CellJob:
 
     def __call__(self) -> list[dict[str, Any]]:
         """Run the cells; return their rows."""
-        from kt_bench.engine import make_accelerator
-        from kt_bench.plugins import load_plugins
-        from kt_bench.runner import run_cells
+        from kt_bench.api.plugins import load_plugins
+        from kt_bench.sweep.runner import run_cells
+        from kt_bench.training.engine import make_accelerator
 
         _export_distributed_env()
         load_plugins(self.settings.plugins)
@@ -113,6 +122,12 @@ def make_executor(kind: str, folder: Path, cfg: LauncherConfig):
     return executor
 
 
+def launcher_config(base: LauncherConfig, given: Mapping[str, Any]) -> LauncherConfig:
+    """``base`` (a grid's ``[launcher]`` table) with the values of ``given`` that are not
+    None in place of its own, validated."""
+    replaced = {k: v for k, v in given.items() if v is not None}
+    return dataclasses.replace(base, **replaced).validate("launcher options")
+
 
 def submit(groups: list[list[Cell]], kind: str, cfg: LauncherConfig,
            settings: JobSettings) -> list[Any]:
@@ -142,3 +157,34 @@ def wait(jobs: list[Any]) -> list[str]:
                             f"); its log: {job.paths.stderr}")
     return problems
 
+
+@dataclass
+class Submission:
+    """The jobs submitted for a grid's cells, and how many of the cells were done before."""
+
+    jobs: list[Any]
+    done_before: int
+
+
+def submit_cells(cells: list[Cell], kind: str, cfg: LauncherConfig, settings: JobSettings,
+                 cohort: bool = True) -> Submission:
+    """Record ``cells`` in the run folder's manifest (so that status shows them pending) and
+    submit those without a finished row as jobs: one per cohort, or per cell when not
+    ``cohort``."""
+    from kt_bench.sweep.runner import cohorts  # here: the runner loads torch and the engine
+
+    out = Path(settings.out)
+    write_manifest(out, cells)
+    todo = [c for c in cells if finished_row(out, c.cell_id) is None]
+    groups = cohorts(todo, cohort)
+    jobs = submit(groups, kind, cfg, settings) if groups else []
+    return Submission(jobs, len(cells) - len(todo))
+
+
+def rows_of(cells: list[Cell], out: Path) -> tuple[pd.DataFrame, int]:
+    """Once the jobs have ended: ``out/results.csv`` rewritten, the rows of ``cells`` in it,
+    and how many of the cells have none."""
+    ids = {c.cell_id for c in cells}
+    rows = write_results_csv(out) if (out / "cells").exists() else pd.DataFrame()
+    rows = rows[rows["cell_id"].isin(ids)] if not rows.empty else rows
+    return rows, len(ids) - len(rows)

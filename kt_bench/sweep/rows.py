@@ -16,9 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from kt_bench import atomic
-from kt_bench.errors import KtBenchError, UnreadableFileError, UnwritableFileError
-from kt_bench.locks import FileLock
+from kt_bench.core import atomic
+from kt_bench.core.errors import KtBenchError, UnreadableFileError, UnwritableFileError
+from kt_bench.core.locks import FileLock
 
 RESULT_COLUMNS = [
     "grid", "dataset", "teacher", "student", "method", "seed", "epochs", "top1", "top5",
@@ -31,7 +31,7 @@ DONE_STATUSES = ("ok", "diverged", "n/a")
 #: Every status a runner writes.
 STATUSES = (*DONE_STATUSES, "failed", "oom")
 
-#: The fields naming a cell, as :meth:`kt_bench.cells.Cell.identity` and the runner write them
+#: The fields naming a cell, as :meth:`kt_bench.sweep.cells.Cell.identity` and the runner write them
 #: (its swept values aside): text, JSON objects as text, and whole numbers with their least
 #: value.
 IDENTITY_TEXT = ("grid", "dataset", "teacher", "student", "method", "precision", "cell_id",
@@ -150,7 +150,7 @@ def check_row(row: Any, cell_id: str) -> dict[str, Any]:
 def load_row(path: Path) -> dict[str, Any] | None:
     """The row in ``path`` (a cell's ``result.json``), checked by :func:`check_row`; None when
     there is no such file. A file this user may not read raises
-    :class:`~kt_bench.errors.UnreadableFileError`."""
+    :class:`~kt_bench.core.errors.UnreadableFileError`."""
     if not os.path.lexists(path):
         return None
     return check_row(atomic.read_json(path), path.parent.name)
@@ -251,7 +251,7 @@ def finished_row(out: Path, cell_id: str) -> dict[str, Any] | None:
     """The row of cell ``cell_id`` if it finished (status ok, diverged or n/a), else None. A
     damaged row counts as none: it is moved aside (named in a warning), and the cell runs
     again. A row this user may not read raises
-    :class:`~kt_bench.errors.UnreadableFileError`: it is left as it is."""
+    :class:`~kt_bench.core.errors.UnreadableFileError`: it is left as it is."""
     path = result_path(out, cell_id)
     try:
         row = load_row(path)

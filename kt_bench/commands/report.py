@@ -1,0 +1,63 @@
+"""``kt-bench report DIR``: a run folder's tables, plots and ``report.md``, and its comparison
+table printed. Light to import (no torch): it reads only the rows the runners write."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from kt_bench.commands.common import check_writable
+from kt_bench.core.errors import KtBenchError
+from kt_bench.reporting import writer
+from kt_bench.reporting.report import comparison_table
+from kt_bench.sweep.rows import forget_warnings, write_results_csv
+
+#: The settings ``--versus`` may compare.
+VERSUS_FIELDS = ("precision",)
+
+
+def add_parser(subparsers: argparse._SubParsersAction, help: str) -> argparse.ArgumentParser:
+    """Add the ``report`` command, described by ``help``, to ``subparsers``."""
+    parser = subparsers.add_parser("report", help=help)
+    parser.add_argument("dir", help="a run's output folder")
+    parser.add_argument("--versus", metavar="FIELD=REFERENCE",
+                        help="also the paired top-1 change of every method between settings "
+                             "that differ only in FIELD, against FIELD=REFERENCE (e.g. "
+                             "precision=no: bf16 against fp32)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the tables and plots of a run folder and print its comparison table."""
+    forget_warnings()
+    out = Path(args.dir)
+    if not list((out / "cells").glob("*/result.json")):
+        raise KtBenchError(f"{out} holds no results (no cells/*/result.json); give a run's "
+                           "--out folder")
+    check_writable(out, "run folder")
+    check_writable(out / "report", "report folder")
+    rows = write_results_csv(out)  # rebuilt from the cells' rows, never left stale
+    versus = versus_arg(args.versus, rows) if args.versus else None
+    print(comparison_table(rows))
+    print(f"\nreport: {writer.write_report(out, rows)}")
+    if versus:
+        factor, reference = versus
+        text, path = writer.write_versus(out, rows, factor, reference)
+        print(f"\nthe paired change of each method's top-1 with {factor} against "
+              f"{factor}={reference}:\n{text}\n\n{path}")
+    return 0
+
+
+def versus_arg(text: str, rows: pd.DataFrame) -> tuple[str, str]:
+    """``--versus FIELD=REFERENCE`` as (field, reference), checked against the rows."""
+    factor, sep, reference = text.partition("=")
+    if not sep or factor not in VERSUS_FIELDS or not reference:
+        raise KtBenchError(f"--versus takes FIELD=REFERENCE with FIELD one of "
+                           f"{', '.join(VERSUS_FIELDS)} (e.g. precision=no), got '{text}'")
+    present = sorted(map(str, rows[factor].dropna().unique()))
+    if reference not in present:
+        raise KtBenchError(f"--versus {text}: no row ran with {factor}={reference}; the rows "
+                           f"have {factor} {', '.join(present) or 'none'}")
+    return factor, reference
