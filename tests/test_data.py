@@ -2,10 +2,10 @@
 
 import torch
 
+from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
 from kt_bench.data.augment import random_crop_flip
 from kt_bench.data.digits import read_digits, stratified_split
-from kt_bench.spec import Spec
 
 
 def test_digits_is_a_fixed_stratified_split_of_the_real_images():

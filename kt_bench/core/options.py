@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kt_bench.errors import ConfigError
+from kt_bench.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,9 @@ def check_options(
     extra: Collection[str] = (),
 ) -> None:
     """Raise a one-line ConfigError if ``options`` holds a key ``fn`` does not accept
-    (``extra`` names keys accepted besides ``fn``'s own)."""
+    (``extra`` names keys accepted besides ``fn``'s own): the first check of
+    :func:`resolve_options`, the one resolver of every method's, model's and dataset's
+    options."""
     accepted = [*accepted_options(fn, fixed), *extra]
     for key in options:
         if key not in accepted:

@@ -3,20 +3,39 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
-from collections.abc import Callable, Iterator
+import pkgutil
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Generic, TypeVar
 
-from kt_bench.errors import PluginError, UnknownNameError
+from kt_bench.core.errors import PluginError, UnknownNameError
 
 T = TypeVar("T")
 
 
-def _origin_of(obj: object) -> str:
+def origin_of(obj: object) -> str:
+    """The file ``obj`` is defined in (for a wrapper, the file of what it wraps); its repr
+    where it has none."""
+    try:
+        obj = inspect.unwrap(obj)  # type: ignore[arg-type]
+    except ValueError:  # a cycle of __wrapped__: use the object itself
+        pass
     try:
         return inspect.getsourcefile(obj) or inspect.getfile(obj)  # type: ignore[arg-type]
     except TypeError:
         return repr(obj)
+
+
+def import_modules(package: str, path: Iterable[str], skip: Collection[str] = ()) -> list[str]:
+    """Import every module of ``package`` (whose ``__path__`` is ``path``) in name order, but
+    private ``_`` ones and those named in ``skip``; importing a module registers its entries.
+    Returns the names imported."""
+    names = sorted(m.name for m in pkgutil.iter_modules(path))
+    names = [n for n in names if not n.startswith("_") and n not in skip]
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
 
 
 class Registry(Generic[T]):
@@ -35,10 +54,10 @@ class Registry(Generic[T]):
         """Register ``obj`` under ``name``; ``origin`` (a file) defaults to where obj is defined."""
         if not name or "+" in name or any(ch.isspace() for ch in name):
             raise PluginError(
-                f"invalid {self.kind} name {name!r} (from {origin or _origin_of(obj)}): "
+                f"invalid {self.kind} name {name!r} (from {origin or origin_of(obj)}): "
                 "names are non-empty and contain no '+' or whitespace"
             )
-        origin = origin or _origin_of(obj)
+        origin = origin or origin_of(obj)
         if name in self._entries:
             old = self._entries[name]
             same = old is obj or (

@@ -8,28 +8,25 @@ order fixed by (seed, epoch) and split over processes.
 
 from __future__ import annotations
 
+import functools
 import os
 import typing
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
-from kt_bench.registry import Registry
-from kt_bench.spec import Spec, check_options
+from kt_bench.core.errors import PluginError
+from kt_bench.core.options import Spec, accepted_options, resolve_options
+from kt_bench.core.registry import Registry, origin_of
+from kt_bench.core.seeds import derived_seed
 
 #: An augmentation applied to a whole batch on its device: ``f(images, generator) -> images``.
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def derived_seed(seed: int, *salt: int) -> int:
-    """A seed for one purpose (e.g. one epoch's data order) derived from the cell's seed."""
-    value = seed
-    for s in salt:
-        value = (value * 1_000_003 + s + 0x9E3779B9) % (2**63 - 1)
-    return value
+#: Images and their labels.
+ImageBatch = tuple[torch.Tensor, torch.Tensor]
 
 
 def global_batches(n: int, batch_size: int, seed: int, epoch: int,
@@ -86,7 +83,7 @@ class DataBundle:
         return len(self.test)
 
     def train_batches(self, epoch: int, seed: int, batch_size: int, device: torch.device,
-                      rank: int = 0, world: int = 1, indices: bool = False) -> Iterator[Batch]:
+                      rank: int = 0, world: int = 1, indices: bool = False) -> Iterator[ImageBatch]:
         """The augmented training batches of ``epoch``, this process's share of each: (images,
         labels), and with ``indices`` the samples' indices in the training set too."""
         raise NotImplementedError
@@ -96,7 +93,7 @@ class DataBundle:
         raise NotImplementedError
 
     def test_batches(self, batch_size: int, device: torch.device, rank: int = 0,
-                     world: int = 1) -> Iterator[Batch]:
+                     world: int = 1) -> Iterator[ImageBatch]:
         """The test split, each sample in exactly one process's batches."""
         raise NotImplementedError
 
@@ -252,13 +249,11 @@ class LoaderData(DataBundle):
         return torch.stack([self.test[i][0] for i in range(n)])
 
 
-#: Builders ``f(data_root, **options) -> DataBundle``.
-DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
-
-
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a dataset is, known without loading it (for dry runs and cost estimates)."""
+    """What a dataset is, known without loading it (for dry runs, cost estimates and the
+    grid's checks): its classes, the channels and side (pixels) of its square images, and the
+    number of training images."""
 
     num_classes: int
     in_channels: int
@@ -266,47 +261,107 @@ class DatasetInfo:
     n_train: int
 
 
-#: ``name -> f(**options) -> DatasetInfo``.
-DATASET_INFO: dict[str, Callable[..., DatasetInfo]] = {}
+#: The option the harness gives every loader itself.
+LOADER_FIXED = ("data_root",)
 
 
-def register_dataset(name: str, info: Callable[..., DatasetInfo]) -> Callable:
-    """Decorator registering a dataset builder under ``name`` with its ``info`` function."""
+class DatasetEntry:
+    """A registered dataset: its loader ``load(data_root, **options) -> DataBundle`` and its
+    ``info(**options) -> DatasetInfo``.
 
-    def wrap(builder):
-        DATASETS.register(name, builder)
-        DATASET_INFO[name] = info
-        return builder
+    The entry stands in for its loader: calling it loads, and it carries the loader's name,
+    docstring and signature (``__wrapped__``), so listings and option checks read the loader.
+    """
+
+    def __init__(self, load: Callable[..., DataBundle], info: Callable[..., DatasetInfo]) -> None:
+        self.load = load
+        self.info = info
+        functools.update_wrapper(self, load)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> DataBundle:
+        """Load the dataset (as its loader)."""
+        return self.load(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"DatasetEntry(load={self.load!r}, info={self.info!r})"
+
+    @classmethod
+    def checked(cls, name: str, load: Any, info: Any) -> DatasetEntry:
+        """The entry of dataset ``name``; a loader or info that is not a function, or an info
+        function taking an option the loader does not, is a one-line PluginError."""
+        where = f"dataset '{name}' (from {origin_of(load)})"
+        if not callable(load):
+            raise PluginError(f"{where}: @register_dataset decorates the loader, a function "
+                              f"f(data_root, **options) -> DataBundle, not {load!r}")
+        if info is None:
+            raise PluginError(f"{where} has no info function; accepted: "
+                              f"@register_dataset('{name}', info=f) where f(**options) returns "
+                              "a DatasetInfo(num_classes, in_channels, image_size, n_train)")
+        if not callable(info):
+            raise PluginError(f"{where}: info = {info!r} is not a function; accepted: "
+                              "f(**options) returning a DatasetInfo(num_classes, in_channels, "
+                              "image_size, n_train)")
+        loader_options = accepted_options(load, LOADER_FIXED)
+        extra = [k for k in accepted_options(info) if k not in loader_options]
+        if extra:
+            raise PluginError(f"{where}: its info function takes option(s) the loader does "
+                              f"not: {', '.join(extra)}; accepted: "
+                              f"{', '.join(loader_options) or '(none)'}")
+        return cls(load, info)
+
+
+#: Every dataset by name: its loader and its info function.
+DATASETS: Registry[DatasetEntry] = Registry("dataset")
+
+Loader = TypeVar("Loader", bound=Callable[..., DataBundle])
+
+
+def register_dataset(name: str, info: Callable[..., DatasetInfo] | None = None
+                     ) -> Callable[[Loader], Loader]:
+    """Decorator registering a loader ``f(data_root=None, **options) -> DataBundle`` as the
+    dataset ``name``, described by ``info(**options) -> DatasetInfo`` (required; it takes
+    the loader's options that change what it describes, with the same defaults).
+
+    The loader's keyword arguments are the dataset's options, checked and resolved from its
+    signature (:func:`~kt_bench.core.options.resolve_options`) as a model's or a method's."""
+
+    def wrap(load: Loader) -> Loader:
+        DATASETS.register(name, DatasetEntry.checked(name, load, info))
+        return load
 
     return wrap
 
 
 def holds_in_memory(name: str) -> bool:
-    """Whether the dataset ``name`` holds its splits in memory (its builder returns
-    :class:`TensorData`) rather than streaming them from disk; False where its builder does
+    """Whether the dataset ``name`` holds its splits in memory (its loader returns
+    :class:`TensorData`) rather than streaming them from disk; False where its loader does
     not say."""
     try:
-        returns = typing.get_type_hints(DATASETS.get(name)).get("return")
+        returns = typing.get_type_hints(DATASETS.get(name).load).get("return")
     except Exception:  # noqa: BLE001 - a plugin's odd annotation: not known to be in memory
         return False
     return isinstance(returns, type) and issubclass(returns, TensorData)
 
 
 def load_dataset(spec: Spec | str, data_root: str | None = None) -> DataBundle:
-    """Build the dataset ``spec``; unknown names and options are one-line errors."""
+    """Build the dataset ``spec``; unknown names, unknown options and options of the wrong
+    type are one-line errors."""
     spec = Spec.parse(spec, "dataset")
-    builder = DATASETS.get(spec.name)
-    check_options(builder, spec.options, f"dataset '{spec.name}'", ("data_root",))
-    return builder(data_root=data_root, **spec.options)
+    entry = DATASETS.get(spec.name)
+    options = resolve_options(entry.load, spec.options, f"dataset '{spec.name}'", LOADER_FIXED)
+    return entry.load(data_root=data_root, **options)
 
 
 def dataset_info(spec: Spec | str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``spec`` without loading any data."""
+    """The :class:`DatasetInfo` of ``spec`` without loading any data. The spec's options are
+    checked as :func:`load_dataset` checks them; the info function gets those it takes."""
     spec = Spec.parse(spec, "dataset")
-    DATASETS.get(spec.name)
-    info = DATASET_INFO[spec.name]
-    accepted = set(info.__code__.co_varnames[:info.__code__.co_argcount])
-    return info(**{k: v for k, v in spec.options.items() if k in accepted})
+    entry = DATASETS.get(spec.name)
+    what = f"dataset '{spec.name}'"
+    resolve_options(entry.load, spec.options, what, LOADER_FIXED)
+    taken = accepted_options(entry.info)
+    given = {k: v for k, v in spec.options.items() if k in taken}
+    return entry.info(**resolve_options(entry.info, given, what))
 
 
 def data_root(root: str | os.PathLike | None) -> Path:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kt_bench.core.errors import KtBenchError, first_line
 from kt_bench.data.augment import random_crop_flip
 from kt_bench.data.bundle import (
     DatasetInfo,
@@ -21,7 +22,6 @@ from kt_bench.data.bundle import (
     register_dataset,
 )
 from kt_bench.data.bundle import data_root as resolve_data_root
-from kt_bench.errors import KtBenchError, first_line
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -160,7 +160,7 @@ def _info100(per_class: int | None = None) -> DatasetInfo:
     return DatasetInfo(100, 3, 32, 100 * min(per_class or 500, 500))
 
 
-@register_dataset("cifar10", _info10)
+@register_dataset("cifar10", info=_info10)
 def cifar10(data_root: str | None = None, download: bool = True, per_class: int | None = None,
             augment: bool = True) -> TensorData:
     """CIFAR-10: 50,000 training and 10,000 test 32x32 images, 10 classes.
@@ -174,7 +174,7 @@ def cifar10(data_root: str | None = None, download: bool = True, per_class: int 
                    augment)
 
 
-@register_dataset("cifar100", _info100)
+@register_dataset("cifar100", info=_info100)
 def cifar100(data_root: str | None = None, download: bool = True, per_class: int | None = None,
              augment: bool = True) -> TensorData:
     """CIFAR-100: 50,000 training and 10,000 test 32x32 images, 100 classes (fine labels).

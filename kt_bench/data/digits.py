@@ -49,7 +49,7 @@ def _info(image_size: int = 16, test_fraction: float = 0.2) -> DatasetInfo:
     return DatasetInfo(10, 1, image_size, 1797 - round(1797 * test_fraction))
 
 
-@register_dataset("digits", _info)
+@register_dataset("digits", info=_info)
 def digits(
     data_root: str | None = None,
     image_size: int = 16,

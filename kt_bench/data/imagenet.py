@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from kt_bench.core.errors import KtBenchError
 from kt_bench.data.bundle import DatasetInfo, LoaderData, register_dataset
 from kt_bench.data.bundle import data_root as resolve_data_root
-from kt_bench.errors import KtBenchError
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -31,7 +31,7 @@ def _subset(folder, classes: int | None, per_class: int | None):
     return torch.utils.data.Subset(folder, keep)
 
 
-@register_dataset("imagenet", _info)
+@register_dataset("imagenet", info=_info)
 def imagenet(data_root: str | None = None, image_size: int = 224, resize: int = 256,
              classes: int | None = None, per_class: int | None = None,
              workers: int = 8) -> LoaderData:

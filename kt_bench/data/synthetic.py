@@ -15,7 +15,7 @@ def _info(num_classes: int = 10, n_train: int = 512, image_size: int = 16,
     return DatasetInfo(num_classes, channels, image_size, n_train)
 
 
-@register_dataset("synthetic", _info)
+@register_dataset("synthetic", info=_info)
 def synthetic(
     data_root: str | None = None,
     num_classes: int = 10,

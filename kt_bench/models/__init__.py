@@ -3,13 +3,18 @@
 Canonical taps shared by the zoo: ``stage1``..``stageN`` (output of each stage), ``feat`` (the
 last feature map before global pooling, post-activation), ``feat_pre`` (the same map before its
 final activation, where the architecture has one), ``pool`` (pooled features) and ``logits``.
+
+Every module of this package but the infrastructure (``zoo``, ``taps``) and private ``_``
+ones is imported here, so a new built-in model is one file that registers itself with
+``@register_model``; no list names it.
 """
 
+from kt_bench.core.registry import import_modules
 from kt_bench.models.zoo import MODELS, build_model, count_parameters, register_model
 
-# Importing the zoo modules registers their entries.
-from kt_bench.models import (  # noqa: E402,F401  isort: skip
-    cifar_resnet, cifar_resnet50, inception_bn, mobilenetv2, preact_resnet, shufflenetv1,
-    shufflenetv2, torchvision_zoo, vgg, wrn)
+#: Modules of this package that register no model.
+INFRASTRUCTURE = ("taps", "zoo")
+
+import_modules(__name__, __path__, INFRASTRUCTURE)
 
 __all__ = ["MODELS", "build_model", "count_parameters", "register_model"]

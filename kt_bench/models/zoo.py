@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from torch import nn
 
-from kt_bench.errors import KtBenchError
-from kt_bench.registry import Registry
-from kt_bench.spec import Spec, resolve_options
+from kt_bench.core.errors import KtBenchError, PluginError
+from kt_bench.core.options import Spec, resolve_options
+from kt_bench.core.registry import Registry, origin_of
 
 #: Builders ``f(num_classes, in_channels, **options) -> nn.Module`` whose module has ``tap_map``.
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -16,9 +18,32 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 _FIXED = ("num_classes", "in_channels")
 
 
-def register_model(name: str) -> Callable:
-    """Decorator registering a model builder under ``name``."""
-    return MODELS.decorator(name)
+Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering a model builder ``f(num_classes, in_channels, **options)`` (a
+    function or an nn.Module class) under ``name``; the module it builds has a ``tap_map``.
+
+    The builder's other keyword arguments are the model's options, checked and resolved from
+    its signature (:func:`~kt_bench.core.options.resolve_options`) as a method's or a
+    dataset's. A builder that is not callable or does not take ``num_classes`` and
+    ``in_channels`` is a one-line PluginError."""
+
+    def wrap(builder: Builder) -> Builder:
+        where = f"model '{name}' (from {origin_of(builder)})"
+        if not callable(builder):
+            raise PluginError(f"{where}: @register_model decorates a builder "
+                              f"f(num_classes, in_channels, **options), not {builder!r}")
+        params = inspect.signature(builder).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        missing = [k for k in _FIXED if k not in params and not takes_any]
+        if missing:
+            raise PluginError(f"{where}: its builder does not take {', '.join(missing)}; "
+                              "accepted: f(num_classes, in_channels, **options)")
+        return MODELS.register(name, builder)
+
+    return wrap
 
 
 def build_model(spec: Spec | str, num_classes: int, in_channels: int = 3) -> nn.Module:
