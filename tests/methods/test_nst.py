@@ -1,4 +1,8 @@
-"""Each method's loss against a direct, loop-by-loop computation of its formula."""
+"""``nst_linear``, ``nst_poly`` and ``nst_gauss``: the loss against a loop-level computation of
+the MMD² of each kernel, its gradient, the ``layers`` option (the sum over several taps), and
+the crd-cifar100 cell's loss (``nst_poly``) against RepDistiller's (tests/repdistiller_ref.py)."""
+
+from __future__ import annotations
 
 import itertools
 import math
@@ -6,65 +10,31 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kt_bench.methods.at import at_loss
-from kt_bench.methods.fitnet import fitnet_loss
-from kt_bench.methods.kd import kd_loss
-from kt_bench.methods.nst import gaussian_mmd2, nst_loss, selectivity_samples, shared_bandwidth
+from kt_bench.methods.nst import (
+    NSTGauss,
+    NSTLinear,
+    NSTPoly,
+    gaussian_mmd2,
+    nst_loss,
+    selectivity_samples,
+    shared_bandwidth,
+)
 
-from kt_bench.align import align_spatial
+from kt_bench.api.align import align_spatial
+from kt_bench.api.method import Batch, build_method
+from kt_bench.core.errors import ConfigError
+
+from .composition import (
+    PAIRS,
+    check_cell_loss_equals_repdistillers,
+    check_vgg_cells_use_all_four_stage_outputs,
+)
+from .loops import assert_gradient_matches, check_feature_gradient
 
 torch.manual_seed(0)
 
-
-def _softmax(z):
-    m = max(z)
-    e = [math.exp(v - m) for v in z]
-    return [v / sum(e) for v in e]
-
-
-def test_kd_loss_is_t2_times_kl_teacher_to_student():
-    s, t, T = torch.randn(4, 7), torch.randn(4, 7), 3.0
-    expected = 0.0
-    for i in range(4):
-        p_s = _softmax([v / T for v in s[i].tolist()])
-        p_t = _softmax([v / T for v in t[i].tolist()])
-        expected += sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s, strict=True))
-    expected = T * T * expected / 4
-    assert kd_loss(s, t, T).item() == pytest.approx(expected, rel=1e-5)
-    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-6)
-
-
-def test_fitnet_loss_is_elementwise_mse():
-    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    pairs = zip(a.flatten().tolist(), b.flatten().tolist(), strict=True)
-    expected = sum((x - y) ** 2 for x, y in pairs) / a.numel()
-    assert fitnet_loss(a, b).item() == pytest.approx(expected, rel=1e-5)
-
-
-def _attention_direct(f, p):
-    b, c, h, w = f.shape
-    maps = []
-    for n in range(b):
-        q = [sum(abs(f[n, k, y, x].item()) ** p for k in range(c))
-             for y in range(h) for x in range(w)]
-        norm = math.sqrt(sum(v * v for v in q))
-        maps.append([v / norm for v in q])
-    return maps
-
-
-@pytest.mark.parametrize("p", [2.0, 1.0])
-def test_at_loss_matches_formula(p):
-    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
-    qs, qt = _attention_direct(s, p), _attention_direct(t, p)
-    expected = sum((a - b) ** 2 for n in range(2)
-                   for a, b in zip(qs[n], qt[n], strict=True)) / (2 * 16)
-    assert at_loss(s, t, p).item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_at_loss_pools_the_larger_map():
-    s, t = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)
-    pooled = s.reshape(2, 3, 4, 2, 4, 2).mean(dim=(3, 5))  # 2x2 average = adaptive pool 8 -> 4
-    assert at_loss(s, t).item() == pytest.approx(at_loss(pooled, t).item(), rel=1e-6)
+#: The batch the options tests give the methods (NST reads no labels).
+BATCH = Batch(torch.zeros(2, dtype=torch.long))
 
 
 # ---- NST -------------------------------------------------------------------------------------
@@ -296,35 +266,14 @@ def test_nst_gaussian_penalises_a_collapsed_student():
 # ---- gradients -------------------------------------------------------------------------------
 
 GRAD_LOSSES = {
-    "kd": lambda s, t: kd_loss(s.flatten(1), t.flatten(1), 2.0),
-    "fitnet": fitnet_loss,
-    "at": at_loss,
-    **{f"nst-{c['kernel']}-{c.get('sigma2')}-{c.get('c')}": (lambda s, t, c=c: nst_loss(s, t, **c))
-       for c in CASES if not (c["kernel"] == "gaussian" and c["sigma2"] is None)},
+    f"nst-{c['kernel']}-{c.get('sigma2')}-{c.get('c')}": (lambda s, t, c=c: nst_loss(s, t, **c))
+    for c in CASES if not (c["kernel"] == "gaussian" and c["sigma2"] is None)
 }
 
 
 @pytest.mark.parametrize("name", list(GRAD_LOSSES))
 def test_gradient_reaches_the_student_only_and_matches_finite_differences(name):
-    loss_fn = GRAD_LOSSES[name]
-    gen = torch.Generator().manual_seed(1)  # inputs independent of the other tests' draws
-    f_s = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
-    f_t = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=gen).requires_grad_(True)
-    # the functions compute in float32 for mixed precision; check the gradient against central
-    # finite differences at float32 tolerance (a step large enough for float32 rounding).
-    loss = loss_fn(f_s, f_t)
-    loss.backward()
-    assert f_t.grad is None or torch.count_nonzero(f_t.grad) == 0
-    grad = f_s.grad.clone()
-    eps = 5e-3
-    flat = f_s.detach().clone().flatten()
-    for i in range(0, flat.numel(), 5):
-        plus, minus = flat.clone(), flat.clone()
-        plus[i] += eps
-        minus[i] -= eps
-        num = (loss_fn(plus.view_as(f_s), f_t.detach()) - loss_fn(minus.view_as(f_s), f_t.detach()))
-        num = num.item() / (2 * eps)
-        assert grad.flatten()[i].item() == pytest.approx(num, rel=2e-2, abs=2e-4), i
+    check_feature_gradient(GRAD_LOSSES[name])
 
 
 def test_gaussian_default_sigma_is_detached_from_the_gradient():
@@ -334,12 +283,83 @@ def test_gaussian_default_sigma_is_detached_from_the_gradient():
     f_t = torch.randn(1, 4, 2, 2, dtype=torch.float64)
     nst_loss(f_s, f_t, kernel="gaussian").backward()
     base = (f_s.detach(), f_t)
-    eps = 1e-4
-    flat = f_s.detach().flatten()
-    for i in range(flat.numel()):
-        plus, minus = flat.clone(), flat.clone()
-        plus[i] += eps
-        minus[i] -= eps
-        num = (nst_direct(plus.view_as(f_s), f_t, "gaussian", sigma_from=base)
-               - nst_direct(minus.view_as(f_s), f_t, "gaussian", sigma_from=base)) / (2 * eps)
-        assert f_s.grad.flatten()[i].item() == pytest.approx(num, rel=2e-2, abs=1e-5), i
+    assert_gradient_matches(f_s.grad, lambda v: nst_direct(v, f_t, "gaussian", sigma_from=base),
+                            f_s, 1e-4, rel=2e-2, abs_tol=1e-5)
+
+
+# ---- NST: layers ----------------------------------------------------------------------------
+
+NST_CLASSES = [
+    (NSTLinear, "linear", {}),
+    (NSTPoly, "poly", {"degree": 3, "c": 1.0}),
+    (NSTGauss, "gaussian", {"sigma2": None}),
+    (NSTGauss, "gaussian", {"sigma2": 0.5}),
+]
+
+
+@pytest.mark.parametrize("cls,kernel,opts", NST_CLASSES,
+                         ids=["linear", "poly", "gauss", "gauss-fixed"])
+def test_nst_default_is_the_single_last_map(cls, kernel, opts):
+    method = cls(**opts)
+    assert method.layers == ("feat",)
+    assert method.taps == ("feat",)
+    assert method.align == "pool"
+    student = {"feat": torch.randn(2, 3, 4, 4)}
+    teacher = {"feat": torch.randn(2, 5, 4, 4)}
+    got = method.loss_terms(student, teacher, BATCH)[method.name]
+    want = nst_loss(student["feat"], teacher["feat"], kernel=kernel, **opts)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("cls,kernel,opts", NST_CLASSES,
+                         ids=["linear", "poly", "gauss", "gauss-fixed"])
+def test_nst_sums_over_the_layers(cls, kernel, opts):
+    layers = ["stage1", "stage2", "stage3"]  # a list, as a grid's TOML gives it
+    method = cls(layers=layers, align="pool", **opts)
+    assert method.layers == ("stage1", "stage2", "stage3")
+    assert method.taps == method.layers
+    for key, value in opts.items():
+        assert getattr(method, key) == value
+    # stage maps of halving size, student's larger than the teacher's at stage 3 (pooled)
+    student = {"stage1": torch.randn(2, 4, 8, 8), "stage2": torch.randn(2, 6, 4, 4),
+               "stage3": torch.randn(2, 8, 4, 4)}
+    teacher = {"stage1": torch.randn(2, 5, 8, 8), "stage2": torch.randn(2, 7, 4, 4),
+               "stage3": torch.randn(2, 9, 2, 2)}
+    got = method.loss_terms(student, teacher, BATCH)[method.name]
+    want = sum(nst_loss(student[k], teacher[k], kernel=kernel, **opts).item() for k in layers)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    assert got.item() > 0
+
+
+def test_nst_keeps_its_other_options():
+    poly = NSTPoly(weight=10.0, layers=("feat_pre",), align="interpolate", degree=3, c=0.5)
+    assert (poly.weight, poly.layers, poly.align, poly.degree, poly.c) == (
+        10.0, ("feat_pre",), "interpolate", 3, 0.5)
+    gauss = NSTGauss(sigma2=0.25)
+    assert gauss.sigma2 == 0.25 and gauss.weight == 50.0
+
+
+@pytest.mark.parametrize("name", ["nst_linear", "nst_poly", "nst_gauss"])
+def test_nst_option_tap_is_gone(name):
+    with pytest.raises(ConfigError, match="unknown option 'tap'.*layers"):
+        build_method(name, {name: {"tap": "feat"}})
+    method = build_method(name, {name: {"layers": ["stage2", "stage3"]}})
+    assert method.taps == ("stage2", "stage3")
+
+
+def test_nst_layers_must_be_a_list_of_names():
+    with pytest.raises(ValueError, match="list of tap names"):
+        NSTPoly(layers="feat")
+    with pytest.raises(ValueError, match="at least one"):
+        NSTPoly(layers=())
+
+
+# ---- composition: the cell vs RepDistiller ----------------------------------------------------
+
+@pytest.mark.parametrize("teacher_name,student_name", PAIRS)
+def test_cell_loss_equals_repdistillers(teacher_name, student_name):
+    check_cell_loss_equals_repdistillers("nst_poly", teacher_name, student_name)
+
+
+def test_vgg_cells_use_all_four_stage_outputs():
+    check_vgg_cells_use_all_four_stage_outputs("nst_poly")

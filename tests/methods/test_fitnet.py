@@ -1,85 +1,36 @@
-"""NST's ``layers`` option (the sum over several taps) and FitNet's ``regressor`` forms."""
+"""``fitnet``: the loss against its formula, its gradient, the ``regressor`` forms, and the
+crd-cifar100 cell's loss against RepDistiller's (tests/repdistiller_ref.py)."""
+
+from __future__ import annotations
 
 import pytest
 import torch
-from kt_bench.methods.fitnet import REGRESSORS, FitNet, build_regressor
-from kt_bench.methods.nst import NSTGauss, NSTLinear, NSTPoly, nst_loss
+from kt_bench.methods.fitnet import REGRESSORS, FitNet, build_regressor, fitnet_loss
 from torch import nn
 
-from kt_bench.errors import ConfigError
-from kt_bench.method import build_method
+from kt_bench.api.method import Batch, build_method
+from kt_bench.core.errors import ConfigError
+
+from .composition import PAIRS, check_cell_loss_equals_repdistillers
+from .loops import check_feature_gradient
 
 torch.manual_seed(0)
 
 
-# ---- NST: layers ----------------------------------------------------------------------------
+# ---- the loss --------------------------------------------------------------------------------
 
-NST_CLASSES = [
-    (NSTLinear, "linear", {}),
-    (NSTPoly, "poly", {"degree": 3, "c": 1.0}),
-    (NSTGauss, "gaussian", {"sigma2": None}),
-    (NSTGauss, "gaussian", {"sigma2": 0.5}),
-]
-
-
-@pytest.mark.parametrize("cls,kernel,opts", NST_CLASSES,
-                         ids=["linear", "poly", "gauss", "gauss-fixed"])
-def test_nst_default_is_the_single_last_map(cls, kernel, opts):
-    method = cls(**opts)
-    assert method.layers == ("feat",)
-    assert method.taps == ("feat",)
-    assert method.align == "pool"
-    student = {"feat": torch.randn(2, 3, 4, 4)}
-    teacher = {"feat": torch.randn(2, 5, 4, 4)}
-    got = method.loss_terms(student, teacher)[method.name]
-    want = nst_loss(student["feat"], teacher["feat"], kernel=kernel, **opts)
-    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+def test_fitnet_loss_is_elementwise_mse():
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    pairs = zip(a.flatten().tolist(), b.flatten().tolist(), strict=True)
+    expected = sum((x - y) ** 2 for x, y in pairs) / a.numel()
+    assert fitnet_loss(a, b).item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("cls,kernel,opts", NST_CLASSES,
-                         ids=["linear", "poly", "gauss", "gauss-fixed"])
-def test_nst_sums_over_the_layers(cls, kernel, opts):
-    layers = ["stage1", "stage2", "stage3"]  # a list, as a grid's TOML gives it
-    method = cls(layers=layers, align="pool", **opts)
-    assert method.layers == ("stage1", "stage2", "stage3")
-    assert method.taps == method.layers
-    for key, value in opts.items():
-        assert getattr(method, key) == value
-    # stage maps of halving size, student's larger than the teacher's at stage 3 (pooled)
-    student = {"stage1": torch.randn(2, 4, 8, 8), "stage2": torch.randn(2, 6, 4, 4),
-               "stage3": torch.randn(2, 8, 4, 4)}
-    teacher = {"stage1": torch.randn(2, 5, 8, 8), "stage2": torch.randn(2, 7, 4, 4),
-               "stage3": torch.randn(2, 9, 2, 2)}
-    got = method.loss_terms(student, teacher)[method.name]
-    want = sum(nst_loss(student[k], teacher[k], kernel=kernel, **opts).item() for k in layers)
-    assert got.item() == pytest.approx(want, rel=1e-5)
-    assert got.item() > 0
+def test_gradient_reaches_the_student_only_and_matches_finite_differences():
+    check_feature_gradient(fitnet_loss)
 
 
-def test_nst_keeps_its_other_options():
-    poly = NSTPoly(weight=10.0, layers=("feat_pre",), align="interpolate", degree=3, c=0.5)
-    assert (poly.weight, poly.layers, poly.align, poly.degree, poly.c) == (
-        10.0, ("feat_pre",), "interpolate", 3, 0.5)
-    gauss = NSTGauss(sigma2=0.25)
-    assert gauss.sigma2 == 0.25 and gauss.weight == 50.0
-
-
-@pytest.mark.parametrize("name", ["nst_linear", "nst_poly", "nst_gauss"])
-def test_nst_option_tap_is_gone(name):
-    with pytest.raises(ConfigError, match="unknown option 'tap'.*layers"):
-        build_method(name, {name: {"tap": "feat"}})
-    method = build_method(name, {name: {"layers": ["stage2", "stage3"]}})
-    assert method.taps == ("stage2", "stage3")
-
-
-def test_nst_layers_must_be_a_list_of_names():
-    with pytest.raises(ValueError, match="list of tap names"):
-        NSTPoly(layers="feat")
-    with pytest.raises(ValueError, match="at least one"):
-        NSTPoly(layers=())
-
-
-# ---- FitNet: regressor ----------------------------------------------------------------------
+# ---- the regressor ---------------------------------------------------------------------------
 
 def _fitnet(form, s_shape, t_shape):
     method = FitNet(regressor=form)
@@ -115,7 +66,8 @@ def test_fitnet_convreg_is_repdistillers_conv_reg(s_hw, t_hw, conv_type, kernel,
     f_s = torch.randn(2, c_s, s_hw, s_hw)
     assert reg(f_s).shape == (2, c_t, t_hw, t_hw)
     teacher = {"stage2": torch.randn(2, c_t, t_hw, t_hw)}
-    loss = method.loss_terms({"stage2": f_s}, teacher)["fitnet"]
+    batch = Batch(torch.zeros(2, dtype=torch.long))
+    loss = method.loss_terms({"stage2": f_s}, teacher, batch)["fitnet"]
     assert loss.ndim == 0 and loss.item() > 0
 
 
@@ -159,3 +111,10 @@ def test_fitnet_reports_the_regressor_option_not_the_module():
     method.setup({"stage2": torch.Size((2, 4, 8, 8))}, {"stage2": torch.Size((2, 8, 8, 8))})
     assert isinstance(method.regressor, nn.Sequential)
     assert method.describe()["regressor"] == "convreg"
+
+
+# ---- composition: the cell vs RepDistiller ----------------------------------------------------
+
+@pytest.mark.parametrize("teacher_name,student_name", PAIRS)
+def test_cell_loss_equals_repdistillers(teacher_name, student_name):
+    check_cell_loss_equals_repdistillers("fitnet", teacher_name, student_name)

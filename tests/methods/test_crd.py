@@ -1,7 +1,8 @@
 """``crd``: the pure functions against loop-level formulas and finite differences, negative
 sampling, the banks' update and first-batch normalisation, the cap on the negatives, the loss
-of a configured cell against an independent re-statement of RepDistiller's
-(tests/ref_repdistiller_crd.py), and whole runs through the engine (resume, cohort)."""
+of a configured cell (prepared and stepped through the lifecycle) against an independent
+re-statement of RepDistiller's (tests/ref_repdistiller_crd.py), and whole runs through the
+engine (resume, cohort)."""
 
 from __future__ import annotations
 
@@ -20,32 +21,24 @@ from kt_bench.methods.crd import (
 )
 from torch import nn
 
-from kt_bench.config import Recipe
+from kt_bench.api.method import Batch, NotApplicable, build_method, method_config
+from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
-from kt_bench.engine import (
-    Trainee,
-    base_ce_weight,
-    make_accelerator,
-    setup_method,
-    teacher_taps,
-    total_loss,
-    train,
-    train_cohort,
-)
-from kt_bench.method import Batch, NotApplicable, build_method, method_config
 from kt_bench.models import build_model
-from kt_bench.spec import Spec
-from kt_bench.taps import TapRecorder
+from kt_bench.training.device import make_accelerator
+from kt_bench.training.engine import train, train_cohort
+from kt_bench.training.recipe import Recipe
 
-from .ref_repdistiller_crd import (
+from ..ref_repdistiller_crd import (
     RCRDLoss,
     REmbed,
     r_class_lists,
     r_sample_idx,
     repdistiller_crd_loss,
 )
-from .repdistiller_ref import repdistiller_feats
-from .test_repdistiller_composition import _perturb_batchnorm
+from ..repdistiller_ref import repdistiller_feats
+from .composition import prepare, seeded_models, step_total
+from .loops import assert_gradient_matches
 
 #: The grid options that reproduce R's CRD (``-a 0 -b 0.8``) and CRD+KD (``-a 1 -b 0.8``).
 GRID_OPTIONS = {"crd": {"weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07,
@@ -90,14 +83,7 @@ def test_crd_contrast_loss_gradients_match_finite_differences():
     x = torch.rand(3, 5, dtype=torch.float64, generator=_gen(7)) + 0.2
     x.requires_grad_(True)
     crd_contrast_loss(x, 40).backward()
-    step = 1e-6
-    flat = x.detach().flatten()
-    for i in range(flat.numel()):
-        plus, minus = flat.clone(), flat.clone()
-        plus[i] += step
-        minus[i] -= step
-        num = (_nce_loops(plus.view_as(x), 40) - _nce_loops(minus.view_as(x), 40)) / (2 * step)
-        assert x.grad.flatten()[i].item() == pytest.approx(num, rel=1e-4, abs=1e-7), i
+    assert_gradient_matches(x.grad, lambda v: _nce_loops(v, 40), x, 1e-6, rel=1e-4, abs_tol=1e-7)
 
 
 def test_crd_contrast_loss_rejects_bad_input():
@@ -369,18 +355,6 @@ def test_the_batch_must_carry_indices():
 # ---- against RepDistiller's composition ------------------------------------------------------
 
 
-def _engine_loss(method, student, teacher, x, y, idx, seed, epochs=240):
-    """The loss the engine's step computes on the batch (epoch 0 of ``epochs``)."""
-    trainee = Trainee(student, method).train()
-    recorder = TapRecorder(teacher, teacher.tap_map, method.taps)
-    t_taps = teacher_taps(teacher.eval(), recorder, x)
-    recorder.remove()
-    logits, terms = trainee(x, t_taps, Batch(y, 0, epochs, indices=idx, seed=seed))
-    trainee.recorder.remove()
-    ce = base_ce_weight(method, Recipe(epochs=epochs)) * method.ce_scale(0, epochs)
-    return total_loss(logits, y, terms, method.term_weights(0, epochs), ce)
-
-
 COMPOSITION_PAIRS = [("resnet56", "resnet20", 1e-5), ("vgg13", "vgg8", 1e-5),
                      ("wrn_40_2", "wrn_16_2", 1e-4)]
 
@@ -388,12 +362,7 @@ COMPOSITION_PAIRS = [("resnet56", "resnet20", 1e-5), ("vgg13", "vgg8", 1e-5),
 @pytest.mark.parametrize("teacher_name,student_name,rel", COMPOSITION_PAIRS)
 @pytest.mark.parametrize("spec", ["crd", "crd+kd"])
 def test_cell_loss_and_banks_equal_repdistillers(teacher_name, student_name, rel, spec):
-    gen = _gen(0)
-    torch.manual_seed(0)
-    teacher = build_model(teacher_name, 100)
-    student = build_model(student_name, 100)
-    _perturb_batchnorm(teacher, gen)
-    _perturb_batchnorm(student, gen)
+    teacher, student, gen = seeded_models(teacher_name, student_name)
     n_data = 20000  # enough for R's 16384 negatives of every class (no cap)
     labels = torch.randint(0, 100, (n_data,), generator=gen)
     idx = torch.randperm(n_data, generator=gen)[:8]
@@ -401,8 +370,7 @@ def test_cell_loss_and_banks_equal_repdistillers(teacher_name, student_name, rel
     y = labels[idx]
 
     method = build_method(spec, method_config(spec, GRID_OPTIONS))
-    method.setup_data(labels, 100)
-    setup_method(method, student, teacher, x)
+    prepare(method, student, teacher, x, labels, 100)
     crd = method if spec == "crd" else method.members[0]
     assert crd.k_used == 16384 and method.facts() == {"crd_nce_k": 16384}
     seed = 1234
@@ -417,7 +385,8 @@ def test_cell_loss_and_banks_equal_repdistillers(teacher_name, student_name, rel
     ref.contrast.memory_v1.copy_(crd.memory_v1)
     ref.contrast.memory_v2.copy_(crd.memory_v2)
 
-    ours = _engine_loss(method, student, teacher, x, y, idx, seed)
+    # the engine's step in epoch 0 of 240
+    ours = step_total(method, Recipe(epochs=240), student, teacher, x, y, 0, idx, seed)
     theirs = repdistiller_crd_loss(spec, student, teacher, x, y, idx, rows, ref)
     assert ours.item() == pytest.approx(theirs.item(), rel=rel, abs=1e-6)
     # the banks after the step and the normalising constants
