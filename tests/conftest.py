@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kt_bench import plugins
-from kt_bench.method import METHODS
+from kt_bench.api import plugins
+from kt_bench.api.method import METHODS
 
 plugins.load_builtin_methods()
 
@@ -32,13 +32,18 @@ def pytest_unconfigure(config):
 @pytest.fixture(autouse=True)
 def isolated_registry():
     """Whatever a test registers or loads is forgotten after it."""
-    entries, origins = dict(METHODS._entries), dict(METHODS._origins)
+    before = {name: (METHODS.get(name), METHODS.origin(name)) for name in METHODS.names()}
     loaded = set(plugins._loaded)
     yield METHODS
-    METHODS._entries.clear()
-    METHODS._entries.update(entries)
-    METHODS._origins.clear()
-    METHODS._origins.update(origins)
+    for name in METHODS.names():
+        if name not in before:
+            METHODS.unregister(name)
+    for name, (cls, origin) in before.items():
+        if name in METHODS and METHODS.get(name) is cls:
+            continue
+        # a test replaced or removed a built-in: put the original back
+        METHODS.unregister(name)
+        METHODS.register(name, cls, origin)
     plugins._loaded.clear()
     plugins._loaded.update(loaded)
 
@@ -84,7 +89,7 @@ def tiny_grid(tmp_path: Path) -> Path:
 def finished(tmp_path_factory):
     """A finished tiny run (student and kd), one per test module: its grid file and output
     folder."""
-    from kt_bench.cli import main
+    from kt_bench.commands.main import main
 
     folder = tmp_path_factory.mktemp("finished")
     grid = write_tiny_grid(folder)

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from kt_bench.cells import expand
-from kt_bench.cli import main
-from kt_bench.config import load_grid
-from kt_bench.errors import ConfigError
+from kt_bench.commands.main import main
+from kt_bench.core.errors import ConfigError
+from kt_bench.core.options import Spec
 from kt_bench.models import build_model
-from kt_bench.spec import Spec
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import load_grid
 
 from .conftest import write_tiny_grid
 
@@ -133,7 +133,7 @@ def test_out_without_write_permission_is_refused(tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("kt_bench.probe.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("kt_bench.commands.common.tempfile.mkstemp", refuse)
     out = tmp_path / "out"
     err = one_error(capsys, "run", "--grid", str(write_tiny_grid(tmp_path)), "--out", str(out))
     assert f"--out folder {out} cannot be created or written: Permission denied" in err

@@ -2,22 +2,32 @@
 reports consistent ratios (no timing asserts: speed is for the bench's output, not for
 tests)."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from kt_bench.bench import (
+from kt_bench.api.method import (
+    MAIN,
+    METHODS,
+    TEACHER_BATCH_STATISTICS,
+    TEACHER_EVAL,
+    Method,
+    init_stage,
+    register_method,
+)
+from kt_bench.bench.speed import (
     BenchConfig,
     expand_methods,
     format_result,
+    nst_timing,
     plain_loop,
     random_cifar,
     run_bench,
 )
-from kt_bench.cli import main
-from kt_bench.engine import make_accelerator
-from kt_bench.method import MAIN, METHODS, Method, register_method
+from kt_bench.commands.main import main
+from kt_bench.training.engine import make_accelerator
 
 
 def test_bench_reports_every_figure_and_consistent_ratios():
@@ -79,7 +89,7 @@ def test_bench_json_and_bad_input(capsys):
 @pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run
 def test_bench_times_the_start_up_of_a_short_run():
     """A real 1-epoch run in a subprocess: its phases, in order, add up to its first step."""
-    from kt_bench.bench import startup_timing
+    from kt_bench.bench.speed import startup_timing
 
     st = startup_timing("cpu", "no")
     assert list(st["phases"]) == ["imports", "plan", "data", "teacher", "networks", "first step"]
@@ -115,8 +125,9 @@ def _register_probe(seen: dict, init_epochs: int = 0, batch_statistics: bool = F
         def __init__(self, weight=None):
             super().__init__(weight)
             self.taps = ("logits",)
-            self.init_epochs = init_epochs
-            self.teacher_batch_statistics = batch_statistics
+            self.needs = dataclasses.replace(
+                self.needs, labels=True, indices=True, init=init_stage(init_epochs),
+                teacher_mode=TEACHER_BATCH_STATISTICS if batch_statistics else TEACHER_EVAL)
 
         def setup_data(self, labels, num_classes):
             seen["labels"] = labels.clone()
@@ -190,3 +201,11 @@ def test_bench_methods_all_and_bad_counts(capsys):
     assert "--methods needs at least one method name" in capsys.readouterr().err
     assert main(["bench", "--methods", "kd", "--warmup", "-1"]) == 2
     assert "--warmup must be >= 0" in capsys.readouterr().err
+
+
+def test_nst_timing_times_both_forms_of_nst_poly():
+    """The NST figure of the bench runs the plugin through the method API (two images)."""
+    timing = nst_timing(torch.device("cpu"), reps=1, images=2)
+    assert set(timing) == {"nst_auto_ms", "nst_kernel_ms", "nst_speedup"}
+    assert timing["nst_auto_ms"] > 0 and timing["nst_kernel_ms"] > 0
+    assert timing["nst_speedup"] == timing["nst_kernel_ms"] / timing["nst_auto_ms"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kt_bench.cli import main
+from kt_bench.commands.main import main
 from kt_bench.models import build_model
-from kt_bench.reference_checkpoints import reference_teacher_path
+from kt_bench.training.reference_checkpoints import reference_teacher_path
 
 from .fixtures import write_cifar100
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kt_bench.cli import main
-from kt_bench.config import LauncherConfig
+from kt_bench.api.method import build_method
+from kt_bench.commands.main import main
+from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
-from kt_bench.engine import in_layout, make_accelerator, train, training_memory_format
-from kt_bench.launch import JobSettings, executor_parameters, submit
-from kt_bench.method import build_method
 from kt_bench.models import build_model
-from kt_bench.rows import read_rows
-from kt_bench.spec import Spec
+from kt_bench.sweep.config import LauncherConfig
+from kt_bench.sweep.launch import JobSettings, executor_parameters, submit
+from kt_bench.sweep.rows import read_rows
+from kt_bench.training.engine import in_layout, make_accelerator, train, training_memory_format
 
 pytest.importorskip("submitit")
 
@@ -38,7 +38,7 @@ def teacher_ckpt(tmp_path_factory) -> Path:
     """The demo teacher (resnet20 on digits) after a short training, saved as a checkpoint
     so that the runs below load it rather than train it."""
     data = load_dataset(DIGITS)
-    from kt_bench.config import Recipe
+    from kt_bench.training.recipe import Recipe
 
     result = train(data, Spec("resnet20"), build_method("student"),
                    Recipe(epochs=3, batch_size=64, lr=0.05), 0, make_accelerator("cpu"))
@@ -146,9 +146,9 @@ def test_a_preempted_local_job_is_requeued_and_resumes_from_the_checkpoint(tmp_p
     """SIGUSR2 (what Slurm sends before preempting a job) to the job mid-cell: submitit
     requeues it, the new run resumes after the last checkpointed epoch, and the row is the
     one of an uninterrupted run."""
-    from kt_bench.cells import expand, select
-    from kt_bench.config import load_grid
-    from kt_bench.plugins import load_plugins
+    from kt_bench.api.plugins import load_plugins
+    from kt_bench.sweep.cells import expand, select
+    from kt_bench.sweep.config import load_grid
 
     load_plugins()
     grid = load_grid("demo")
@@ -178,11 +178,11 @@ def test_a_preempted_local_job_is_requeued_and_resumes_from_the_checkpoint(tmp_p
 
 
 def test_status_shows_each_cells_state(tmp_path, capsys):
-    from kt_bench.cells import expand, select
-    from kt_bench.config import load_grid
-    from kt_bench.locks import FileLock
-    from kt_bench.plugins import load_plugins
-    from kt_bench.status import write_manifest
+    from kt_bench.api.plugins import load_plugins
+    from kt_bench.core.locks import FileLock
+    from kt_bench.sweep.cells import expand, select
+    from kt_bench.sweep.config import load_grid
+    from kt_bench.sweep.manifest import write_manifest
 
     load_plugins()
     cells = select(expand(load_grid("demo")), ["method=student,kd,fitnet,at,nst_poly",
@@ -251,7 +251,7 @@ def test_slurm_job_requests_and_bad_launcher_input(tmp_path, capsys):
 def test_jobs_beyond_the_max_array_size_go_in_further_arrays(monkeypatch, tmp_path):
     import contextlib
 
-    import kt_bench.launch as launch
+    import kt_bench.sweep.launch as launch
 
     arrays: list[list] = []
 
@@ -297,13 +297,13 @@ import sys
 
 import torch
 
-from kt_bench import plugins
-from kt_bench.config import Recipe
+from kt_bench.api import plugins
+from kt_bench.training.recipe import Recipe
 from kt_bench.data import load_dataset
-from kt_bench.engine import make_accelerator, train
-from kt_bench.method import build_method, method_config
+from kt_bench.training.engine import make_accelerator, train
+from kt_bench.api.method import build_method, method_config
 from kt_bench.models import build_model
-from kt_bench.spec import Spec
+from kt_bench.core.options import Spec
 
 plugins.load_builtin_methods()
 accelerator = make_accelerator("cpu")

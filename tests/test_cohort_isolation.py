@@ -7,12 +7,12 @@ import textwrap
 
 import pandas as pd
 
-from kt_bench.cli import main
+from kt_bench.commands.main import main
 
 from .conftest import write_tiny_grid
 
 BAD_PLUGINS = '''
-from kt_bench.method import Method, register_method
+from kt_bench.api.method import Method, register_method
 
 
 @register_method("badtap")

@@ -11,7 +11,6 @@ step; see ``training_memory_format``.)
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -20,23 +19,25 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from kt_bench.config import Recipe
+from kt_bench.api.method import INIT, METHODS, build_method
+from kt_bench.core.options import Spec
+from kt_bench.core.seeds import derived_seed
 from kt_bench.data import load_dataset
-from kt_bench.data.bundle import derived_seed
-from kt_bench.engine import (
-    _epoch_plan,
-    _make_member,
-    batch_statistics_teacher,
+from kt_bench.models import build_model
+from kt_bench.models.taps import TapRecorder
+from kt_bench.training.device import (
     channels_last,
     compile_model,
     make_accelerator,
-    teacher_taps,
-    total_loss,
 )
-from kt_bench.method import INIT, METHODS, build_method
-from kt_bench.models import build_model
-from kt_bench.spec import Spec
-from kt_bench.taps import TapRecorder
+from kt_bench.training.engine import build_trainee
+from kt_bench.training.lifecycle import (
+    TeacherTaps,
+    base_ce_weight,
+    plan_epoch,
+    step_loss,
+)
+from kt_bench.training.recipe import Recipe
 
 DATA = Spec("synthetic", {"n_train": 96, "n_test": 48, "image_size": 8, "noise": 2.0,
                           "augment": True})
@@ -76,35 +77,40 @@ def teachers(data):
 
 def first_steps(name: str, data, teacher, compile: bool) -> list[tuple[float, dict]]:
     """The loss and the gradients of the first :data:`STEPS` steps of method ``name``'s
-    student, as the engine sets it up and steps it (its first stage: the initialisation
-    stage where the method has one)."""
+    student, set up and stepped through the method lifecycle as the engine does (seeds,
+    layout, the stage's optimiser and mode; its first stage: the initialisation stage where
+    the method has one)."""
     acc = make_accelerator("cpu")
     method = build_method(name)
-    member = _make_member(data, STUDENT, method, RECIPE, 1, acc, teacher, None, None, compile)
-    template, weights, ce_weight, optimizer = _epoch_plan(member, 0, RECIPE)
-    trainee = member.trainee
+    seed = 1
+    trainee = build_trainee(data, STUDENT, method, seed, acc.device, teacher, compile)
+    plan = plan_epoch(method, 0, RECIPE.epochs, base_ce_weight(method, RECIPE.ce_weight))
+    init = method.needs.init
+    lr = (init.lr or RECIPE.lr) if plan.stage == INIT else RECIPE.lr
+    optimizer = torch.optim.SGD(trainee.parameters(), lr=lr, momentum=RECIPE.momentum,
+                                nesterov=RECIPE.nesterov, weight_decay=RECIPE.weight_decay)
+    trainee, optimizer = acc.prepare(trainee, optimizer)
     trainee.train()
-    if template.stage == INIT and not method.init_trains_student:
+    if plan.stage == INIT and not init.trains_student:
         trainee.student.eval()
-    source = batch_statistics_teacher(teacher) if method.teacher_batch_statistics else teacher
-    recorder = TapRecorder(source, source.tap_map, method.taps)
+    taught = TeacherTaps(teacher, [method]) if method.needs_teacher else None
     out = []
-    batches = data.train_batches(0, 1, RECIPE.batch_size, acc.device, indices=True)
+    batches = data.train_batches(0, seed, RECIPE.batch_size, acc.device, indices=True)
     for step, (x, y, idx) in zip(range(1, STEPS + 1), batches, strict=False):
         x = channels_last(x)
-        t_taps = teacher_taps(source, recorder, x, acc) if method.needs_teacher else None
-        batch = dataclasses.replace(template, labels=y, indices=idx,
-                                    seed=derived_seed(1, 5, 0, step))
+        t_taps = (TeacherTaps.of(method, taught.read(x, [method], acc.autocast))
+                  if taught is not None else None)
+        batch = plan.batch(y, idx, derived_seed(seed, 5, 0, step))
         with acc.autocast():
-            logits, terms = trainee(x, t_taps, batch)
-            loss = total_loss(logits, y, terms, weights, ce_weight)
+            loss = step_loss(trainee, x, batch, t_taps, plan).loss
         acc.backward(loss)
         grads = {n: p.grad.detach().clone() for n, p in trainee.named_parameters()
                  if p.grad is not None}
         out.append((loss.item(), grads))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    recorder.remove()
+    if taught is not None:
+        taught.remove()
     return out
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kt_bench.config import Recipe, load_grid
-from kt_bench.errors import ConfigError, KtBenchError, UnknownNameError
+from kt_bench.core.errors import ConfigError, KtBenchError, UnknownNameError
+from kt_bench.sweep.config import Recipe, load_grid
 
 from .conftest import write_tiny_grid
 
@@ -81,7 +81,7 @@ def test_unknown_name_errors_keep_their_type(tmp_path):
 
 
 def test_composite_grid_includes_others_and_rejects_cycles(tmp_path):
-    from kt_bench.cells import expand
+    from kt_bench.sweep.cells import expand
 
     write_tiny_grid(tmp_path)
     (tmp_path / "both.toml").write_text('name = "both"\ninclude = ["tiny.toml", "demo"]\n')

@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from kt_bench import teachers
-from kt_bench.checkpoints import previous_path
-from kt_bench.cli import main
-from kt_bench.config import Recipe
+from kt_bench.api.method import build_method
+from kt_bench.commands.main import main
+from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
-from kt_bench.engine import make_accelerator, train
-from kt_bench.method import build_method
-from kt_bench.spec import Spec
+from kt_bench.sweep import teachers
+from kt_bench.training.checkpoints import previous_path
+from kt_bench.training.engine import make_accelerator, train
+from kt_bench.training.recipe import Recipe
 
 from .conftest import write_tiny_grid
 

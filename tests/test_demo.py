@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from kt_bench.cli import main
+from kt_bench.commands.main import main
 
 DEMO_METHODS = ["student", "kd", "fitnet", "at", "nst_linear", "nst_poly", "nst_gauss",
                 "kd+nst_poly"]

@@ -8,13 +8,13 @@ import pytest
 import torch
 from kt_bench.methods.kd import KD
 
-from kt_bench.config import Recipe
+from kt_bench.api.method import build_method, register_method
+from kt_bench.core.errors import KtBenchError
+from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
 from kt_bench.data.bundle import epoch_batches
-from kt_bench.engine import DivergedError, make_accelerator, train
-from kt_bench.errors import KtBenchError
-from kt_bench.method import build_method, register_method
-from kt_bench.spec import Spec
+from kt_bench.training.engine import DivergedError, make_accelerator, train
+from kt_bench.training.recipe import Recipe
 
 DATA = Spec("synthetic", {"n_train": 96, "n_test": 48, "image_size": 8, "noise": 2.0,
                           "augment": True})
@@ -100,7 +100,7 @@ def test_nan_loss_raises_diverged(data, teacher):
     class NaNMethod(KD):
         """Returns NaN."""
 
-        def loss_terms(self, student, teacher):
+        def loss_terms(self, student, teacher, batch):
             return {self.name: student["logits"].sum() * float("nan")}
 
     with pytest.raises(DivergedError, match="loss became nan in epoch 1"):
@@ -167,7 +167,7 @@ def test_unknown_device_and_precision_are_one_line_errors():
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_a_cohort_gives_each_student_the_solo_run_numbers_bit_for_bit(data, teacher, precision):
-    from kt_bench.engine import train_cohort
+    from kt_bench.training.engine import train_cohort
 
     acc = make_accelerator("cpu", precision)
     names = ["student", "kd", "fitnet", "at", "nst_linear", "nst_poly", "nst_gauss",
@@ -182,13 +182,13 @@ def test_a_cohort_gives_each_student_the_solo_run_numbers_bit_for_bit(data, teac
 
 
 def test_a_failing_student_stops_alone_in_its_cohort(data, teacher):
-    from kt_bench.engine import train_cohort
+    from kt_bench.training.engine import train_cohort
 
     @register_method("nan_in_cohort")
     class NaNMethod(KD):
         """Returns NaN."""
 
-        def loss_terms(self, student, teacher):
+        def loss_terms(self, student, teacher, batch):
             return {self.name: student["logits"].sum() * float("nan")}
 
     methods = [build_method("nan_in_cohort"), build_method("kd")]
@@ -203,8 +203,10 @@ def test_networks_narrower_than_a_cpu_vector_train_in_the_default_layout():
     """PyTorch's channels-last BatchNorm backward on the CPU is several times slower below 16
     channels, so such a network trains in the default layout there; wider ones, and every
     network on CUDA, in channels_last. The engine's members follow the rule."""
-    from kt_bench.engine import Trainee, training_memory_format
+    from kt_bench.api.method import Batch
     from kt_bench.models import build_model
+    from kt_bench.training.device import training_memory_format
+    from kt_bench.training.lifecycle import Trainee
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     narrow = build_model(Spec("resnet8", {"width": 0.5}), 10)  # 8, 16, 32 channels
@@ -225,6 +227,7 @@ def test_networks_narrower_than_a_cpu_vector_train_in_the_default_layout():
     seen = []
     narrow.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     trainee = Trainee(narrow, build_method("student"), torch.contiguous_format)
-    trainee(torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last), None)
+    trainee(torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last), None,
+            Batch(torch.zeros(2, dtype=torch.long)))
     assert seen[0].is_contiguous() and not seen[0].is_contiguous(
         memory_format=torch.channels_last)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kt_bench.cli import main
-from kt_bench.interrupts import (
+from kt_bench.commands.main import main
+from kt_bench.core.interrupts import (
     PluginExit,
     Terminated,
     cell_failure,
@@ -55,7 +55,7 @@ class ExitInSetup(KD):
 class ExitInLoss(KD):
     """Exits from its loss in the first step."""
 
-    def loss_terms(self, s, t):
+    def loss_terms(self, student, teacher, batch):
         sys.exit(3)
 
 
@@ -131,9 +131,9 @@ from kt_bench.methods.kd import KD
 class Preempted(KD):
     """Its first step is where the job gets preempted (a SIGUSR1 to itself)."""
 
-    def loss_terms(self, s, t):
+    def loss_terms(self, student, teacher, batch):
         os.kill(os.getpid(), signal.SIGUSR1)
-        return super().loss_terms(s, t)
+        return super().loss_terms(student, teacher, batch)
 '''
 
 

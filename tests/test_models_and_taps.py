@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-from kt_bench.errors import ConfigError, KtBenchError, UnknownNameError
+from kt_bench.core.errors import ConfigError, KtBenchError, UnknownNameError
+from kt_bench.core.options import Spec
 from kt_bench.models import build_model, count_parameters
-from kt_bench.spec import Spec
-from kt_bench.taps import TapRecorder
+from kt_bench.models.taps import TapRecorder
 
 # He et al. 2016 (Deep Residual Learning), Table 6: parameters of the CIFAR-10 ResNets.
 CITED = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet44": 0.66e6, "resnet56": 0.85e6,
@@ -174,7 +174,7 @@ def test_inception_pre_activation_tap_is_the_map_before_relu():
 
 @pytest.mark.slow  # builds every model twice (8 s); test_cli lists them too
 def test_list_models_shows_every_paper_network(capsys):
-    from kt_bench.cli import main
+    from kt_bench.commands.main import main
 
     assert main(["list", "models"]) == 0
     out = capsys.readouterr().out

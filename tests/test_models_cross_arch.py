@@ -41,15 +41,15 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 
-from kt_bench.cli import main
-from kt_bench.config import Recipe
+from kt_bench.api.method import build_method
+from kt_bench.commands.main import main
+from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
-from kt_bench.engine import make_accelerator, train
-from kt_bench.method import build_method
 from kt_bench.models import build_model, count_parameters
-from kt_bench.spec import Spec
-from kt_bench.taps import TapRecorder
-from kt_bench.teachers import load_state
+from kt_bench.models.taps import TapRecorder
+from kt_bench.sweep.teachers import load_state
+from kt_bench.training.engine import make_accelerator, train
+from kt_bench.training.recipe import Recipe
 
 NAMES = ("mobilenetv2", "shufflev1", "shufflev2", "resnet50")
 

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from kt_bench.cells import expand
-from kt_bench.cli import main
-from kt_bench.config import load_grid
+from kt_bench.commands.main import main
+from kt_bench.core.errors import KtBenchError
+from kt_bench.core.options import Spec
 from kt_bench.data import LoaderData, TensorData, load_dataset
-from kt_bench.errors import KtBenchError
-from kt_bench.report import load_reference, summarise
-from kt_bench.spec import Spec
+from kt_bench.reporting.report import load_reference, summarise
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import load_grid
 
 from .fixtures import write_cifar10, write_cifar100, write_image_folder
 

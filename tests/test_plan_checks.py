@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kt_bench import probe
-from kt_bench.cells import expand
-from kt_bench.config import load_grid
+from kt_bench.commands import common
+from kt_bench.core.options import Spec
 from kt_bench.models import build_model
-from kt_bench.spec import Spec
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import load_grid
 
 from .conftest import write_tiny_grid
 from .test_bad_input import appended, edited, one_error, run_cli
@@ -244,14 +244,14 @@ def test_a_teacher_cache_without_write_permission_is_refused(tmp_path, capsys, m
     cache.mkdir()
     grid = str(write_tiny_grid(tmp_path))
     out = tmp_path / "out"
-    mkstemp = probe.tempfile.mkstemp
+    mkstemp = common.tempfile.mkstemp
 
     def refuse_in_cache(*args, dir=None, **kwargs):
         if Path(dir) == cache:
             raise PermissionError(13, "Permission denied")
         return mkstemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(probe.tempfile, "mkstemp", refuse_in_cache)
+    monkeypatch.setattr(common.tempfile, "mkstemp", refuse_in_cache)
     err = one_error(capsys, "run", "--grid", grid, "--out", str(out), "--teacher-cache",
                     str(cache))
     assert f"--teacher-cache folder {cache} cannot be created or written: Permission denied" \
@@ -259,7 +259,7 @@ def test_a_teacher_cache_without_write_permission_is_refused(tmp_path, capsys, m
     assert not (out / "cells").exists()
 
     access = os.access
-    monkeypatch.setattr(probe.os, "access",
+    monkeypatch.setattr(common.os, "access",
                         lambda path, mode: False if Path(path) == cache else access(path, mode))
     err = one_error(capsys, "run", "--grid", grid, "--out", str(out), "--teacher-cache",
                     str(cache), "--dry-run")

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from kt_bench.models import build_model
 from kt_bench.models.cifar_resnet import CifarResNet
+from kt_bench.models.taps import TapRecorder
 from kt_bench.models.vgg import VGG
 from kt_bench.models.wrn import WideResNet
-from kt_bench.taps import TapRecorder
 
 MODELS = ["resnet20", "resnet8x4", "wrn_16_2", "wrn_40_1", "vgg8", "vgg13"]
 

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from kt_bench import precision as prec
-from kt_bench.cli import main
-from kt_bench.method import Method, build_method, register_method
-from kt_bench.precision import cpu_has_native_bf16, resolve_precision
+from kt_bench.api.method import Batch, Method, Needs, build_method, register_method
+from kt_bench.commands.main import main
+from kt_bench.core import precision as prec
+from kt_bench.core.precision import cpu_has_native_bf16, resolve_precision
 
 from .conftest import write_tiny_grid
 
@@ -79,6 +79,10 @@ def test_a_run_without_a_precision_flag_trains_in_what_auto_picks_and_says_so(
     assert {"bf16": "bf16 autocast", "no": "fp32"}[expected] in report
 
 
+#: The batch the recording method's terms are computed for (it reads none of it).
+BATCH = Batch(torch.zeros(4, dtype=torch.long))
+
+
 class _Recording(Method):
     """Records the dtype of the taps it sees and whether autocast was on."""
 
@@ -89,7 +93,7 @@ class _Recording(Method):
         self.taps = ("feat",)
         self.seen: list[tuple[torch.dtype, bool]] = []
 
-    def loss_terms(self, student, teacher):
+    def loss_terms(self, student, teacher, batch):
         self.seen.append((student["feat"].dtype, torch.is_autocast_enabled("cpu")))
         product = student["feat"].flatten(1) @ teacher["feat"].flatten(1).T
         return {self.name: product.mean()}
@@ -99,16 +103,15 @@ class _Recording(Method):
 def test_a_method_can_ask_for_its_terms_in_float32_under_autocast(float32_terms):
     @register_method("recording")
     class Recording(_Recording):
-        pass
+        needs = Needs(float32_terms=float32_terms)
 
-    Recording.float32_terms = float32_terms
     method = build_method("recording")
     feat = torch.randn(4, 3, 5, 5)
     weight = torch.randn(3, 3, 1, 1, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         student = {"feat": torch.nn.functional.conv2d(feat, weight)}
         teacher = {"feat": torch.nn.functional.conv2d(feat, weight.detach())}
-        term = method.terms(student, teacher, None)["recording"]
+        term = method.terms(student, teacher, BATCH)["recording"]
     assert student["feat"].dtype == torch.bfloat16  # what autocast made
     expected = (torch.float32, False) if float32_terms else (torch.bfloat16, True)
     assert method.seen == [expected]
@@ -117,14 +120,14 @@ def test_a_method_can_ask_for_its_terms_in_float32_under_autocast(float32_terms)
     assert weight.grad is not None and weight.grad.abs().sum() > 0
     # outside autocast nothing is cast, whatever the method asks
     method.seen.clear()
-    method.terms({"feat": feat.double()}, {"feat": feat.double()}, None)
+    method.terms({"feat": feat.double()}, {"feat": feat.double()}, BATCH)
     assert method.seen == [(torch.float64, False)]
 
 
 def test_a_combination_casts_only_the_member_that_asks():
     @register_method("wants_fp32")
     class WantsFP32(_Recording):
-        float32_terms = True
+        needs = Needs(float32_terms=True)
 
     @register_method("takes_bf16")
     class TakesBF16(_Recording):
@@ -134,7 +137,7 @@ def test_a_combination_casts_only_the_member_that_asks():
     feat = torch.randn(2, 3, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x = torch.nn.functional.conv2d(feat, torch.randn(3, 3, 1, 1))
-        combined.terms({"feat": x}, {"feat": x}, None)
+        combined.terms({"feat": x}, {"feat": x}, BATCH)
     first, second = combined.members
     assert first.seen == [(torch.float32, False)] and second.seen == [(torch.bfloat16, True)]
 

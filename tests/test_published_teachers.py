@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from kt_bench.cli import main
+from kt_bench.commands.main import main
+from kt_bench.core.options import Spec
 from kt_bench.models import build_model
-from kt_bench.spec import Spec
 
 from .conftest import write_tiny_grid
 

@@ -29,10 +29,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kt_bench.config import load_grid
-from kt_bench.errors import KtBenchError
+from kt_bench.core.errors import KtBenchError
+from kt_bench.core.options import Spec
 from kt_bench.models import build_model
-from kt_bench.reference_checkpoints import (
+from kt_bench.sweep.config import load_grid
+from kt_bench.sweep.teachers import load_state
+from kt_bench.training.reference_checkpoints import (
     PUBLISHED_TEACHERS,
     fit_state,
     kt_to_reference_key,
@@ -41,8 +43,6 @@ from kt_bench.reference_checkpoints import (
     reference_name,
     reference_teacher_path,
 )
-from kt_bench.spec import Spec
-from kt_bench.teachers import load_state
 
 CLASSES = 100
 Entry = tuple[str, tuple[int, ...], Tensor]  # (R key, shape R's code gives it, kt's tensor)

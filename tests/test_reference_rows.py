@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from kt_bench.cells import expand
-from kt_bench.config import load_grid
-from kt_bench.report import display_table, load_reference, summarise
+from kt_bench.reporting.report import display_table, load_reference, summarise
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import load_grid
 
 
 @pytest.mark.parametrize("grid,figures", [

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kt_bench.models import build_model
-from kt_bench.taps import TapRecorder
+from kt_bench.models.taps import TapRecorder
 from tests.repdistiller_ref import (
     R_FLAGS,
     make_r_convreg,

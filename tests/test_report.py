@@ -7,8 +7,14 @@ import math
 import pandas as pd
 import pytest
 
-from kt_bench.cli import main
-from kt_bench.report import format_delta, latex_pivot, markdown_pivot, paired_delta, summarise
+from kt_bench.commands.main import main
+from kt_bench.reporting.report import (
+    format_delta,
+    latex_pivot,
+    markdown_pivot,
+    paired_delta,
+    summarise,
+)
 
 from .conftest import write_tiny_grid
 
@@ -96,7 +102,7 @@ def _precision_rows(values: dict[tuple[str, str], list[float]], epochs: int = 2)
 
 
 def test_versus_pairs_each_configuration_across_the_factor_by_seed():
-    from kt_bench.report import versus, versus_table
+    from kt_bench.reporting.report import versus, versus_table
 
     rows = _precision_rows({("kd", "no"): [70.0, 71.0, 72.0], ("kd", "bf16"): [71.0, 73.0, 75.0],
                             ("student", "no"): [60.0, 61.0], ("student", "bf16"): [60.5, 60.5],

@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kt_bench import atomic
-from kt_bench.cells import expand
-from kt_bench.cli import main
-from kt_bench.config import load_grid
-from kt_bench.rows import IDENTITY_FIELDS, DamagedRowError, StrayRowError, check_row
+from kt_bench.commands.main import main
+from kt_bench.core import atomic
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import load_grid
+from kt_bench.sweep.rows import IDENTITY_FIELDS, DamagedRowError, StrayRowError, check_row
 
 from .conftest import write_tiny_grid
 

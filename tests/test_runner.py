@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kt_bench.cells import expand
-from kt_bench.cli import main
-from kt_bench.config import load_grid
+from kt_bench.commands.main import main
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import load_grid
 
 from .conftest import SLOW_PLUGIN, write_tiny_grid
 
@@ -131,7 +131,7 @@ def test_sweep_axes_make_cells_and_columns(tmp_path, capsys):
 
 
 def test_bad_sweep_keys_are_one_line_errors(tmp_path):
-    from kt_bench.errors import KtBenchError
+    from kt_bench.core.errors import KtBenchError
 
     grid_file = write_tiny_grid(tmp_path)
     base = grid_file.read_text()

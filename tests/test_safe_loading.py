@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from kt_bench import teachers
-from kt_bench.cells import expand
-from kt_bench.checkpoints import load_checkpoint, load_plain, previous_path
-from kt_bench.cli import main
-from kt_bench.config import Recipe, load_grid
+from kt_bench.api.method import build_method
+from kt_bench.commands.main import main
+from kt_bench.core.errors import KtBenchError
+from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
-from kt_bench.engine import make_accelerator, train
-from kt_bench.errors import KtBenchError
-from kt_bench.method import build_method
 from kt_bench.models import build_model
-from kt_bench.spec import Spec
+from kt_bench.sweep import teachers
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import Recipe, load_grid
+from kt_bench.training.checkpoints import load_checkpoint, load_plain, previous_path
+from kt_bench.training.engine import make_accelerator, train
 
 from .conftest import write_tiny_grid
 from .fixtures import write_cifar10

@@ -20,17 +20,19 @@ import pandas as pd
 import pytest
 import torch
 
-from kt_bench import atomic, cells, checkpoints, locks, teachers
-from kt_bench.cells import expand
-from kt_bench.checkpoints import load_checkpoint, log_beside, save_checkpoint
-from kt_bench.cli import main
-from kt_bench.config import Recipe, load_grid
+from kt_bench.api.method import build_method
+from kt_bench.commands.main import main
+from kt_bench.core import atomic, locks
+from kt_bench.core.errors import UnreadableFileError, UnwritableFileError
+from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
-from kt_bench.engine import make_accelerator, train
-from kt_bench.errors import UnreadableFileError, UnwritableFileError
-from kt_bench.method import build_method
 from kt_bench.models import build_model
-from kt_bench.spec import Spec
+from kt_bench.sweep import cells, teachers
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import Recipe, load_grid
+from kt_bench.training import checkpoints
+from kt_bench.training.checkpoints import load_checkpoint, log_beside, save_checkpoint
+from kt_bench.training.engine import make_accelerator, train
 
 from .conftest import write_tiny_grid
 
@@ -362,7 +364,7 @@ def test_a_teacher_file_is_hashed_once_and_a_missing_one_keeps_its_path(tmp_path
 
 
 def test_a_teacher_file_changed_after_planning_is_refused(tmp_path):
-    from kt_bench.errors import KtBenchError
+    from kt_bench.core.errors import KtBenchError
 
     grid = load_grid(str(write_tiny_grid(tmp_path)))
     path = _teacher_file(tmp_path / "teacher.pt", 0)

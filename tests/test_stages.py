@@ -4,6 +4,7 @@ the engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import pandas as pd
@@ -12,12 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kt_bench.cli import main
-from kt_bench.config import Recipe
+from kt_bench.api.method import (
+    INIT,
+    MAIN,
+    TEACHER_BATCH_STATISTICS,
+    TEACHER_EVAL,
+    Method,
+    Needs,
+    NotApplicable,
+    build_method,
+    init_stage,
+    register_method,
+)
+from kt_bench.commands.main import main
+from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
-from kt_bench.engine import make_accelerator, train, train_cohort
-from kt_bench.method import INIT, MAIN, Method, NotApplicable, build_method, register_method
-from kt_bench.spec import Spec
+from kt_bench.training.engine import make_accelerator, train, train_cohort
+from kt_bench.training.recipe import Recipe
 
 from .conftest import write_tiny_grid
 
@@ -36,8 +48,7 @@ class _Interrupt(Exception):
 class HintInit(Method):
     """Two initialisation epochs matching `stage2` through a 1x1 connector, then CE alone."""
 
-    init_epochs = 2
-    init_lr = 0.02
+    needs = Needs(labels=True, indices=True, init=init_stage(2, lr=0.02))
 
     def __init__(self, weight: float | None = None, crash_at: int = -1) -> None:
         super().__init__(weight)
@@ -144,7 +155,7 @@ def test_a_cohort_with_an_initialising_member_equals_solo_runs(data, teacher):
 
 
 NA_PLUGIN = '''
-from kt_bench.method import Method, NotApplicable, register_method
+from kt_bench.api.method import Method, NotApplicable, register_method
 
 
 @register_method("needs_equal")
@@ -194,9 +205,7 @@ def test_a_method_on_the_teachers_batch_statistics_leaves_the_shared_teacher_alo
         assert got.error is None and got.history == solo.history, m
     # OFD saw the batch-statistics teacher: not what an eval-mode teacher gives
     eval_ofd = build_method("ofd")
-    type(eval_ofd).teacher_batch_statistics = False
-    try:
-        other = train(data, STUDENT, eval_ofd, RECIPE, 4, acc, teacher)
-    finally:
-        type(eval_ofd).teacher_batch_statistics = True
+    assert eval_ofd.needs.teacher_mode == TEACHER_BATCH_STATISTICS
+    eval_ofd.needs = dataclasses.replace(eval_ofd.needs, teacher_mode=TEACHER_EVAL)
+    other = train(data, STUDENT, eval_ofd, RECIPE, 4, acc, teacher)
     assert other.history != cohort[1].history

@@ -9,14 +9,14 @@ import textwrap
 import pandas as pd
 import pytest
 
-from kt_bench.cells import expand
-from kt_bench.cli import main
-from kt_bench.config import grid_from_table, load_grid, read_toml
-from kt_bench.errors import ConfigError
-from kt_bench.method import METHODS, build_method, method_config
-from kt_bench.plugins import load_plugin_file
-from kt_bench.report import summarise
-from kt_bench.rows import read_rows
+from kt_bench.api.method import METHODS, build_method, method_config
+from kt_bench.api.plugins import load_plugin_file
+from kt_bench.commands.main import main
+from kt_bench.core.errors import ConfigError
+from kt_bench.reporting.report import summarise
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import grid_from_table, load_grid, read_toml
+from kt_bench.sweep.rows import read_rows
 
 from .conftest import write_tiny_grid
 
@@ -49,7 +49,7 @@ def test_epochs_override_scales_multistep_milestones():
 
 
 PLUGIN = '''
-from kt_bench.method import Method, register_method
+from kt_bench.api.method import Method, register_method
 
 
 @register_method("renamed")
@@ -100,7 +100,7 @@ def test_defaults_are_recorded_complete_per_member():
 def test_an_option_that_cannot_be_stored_is_refused_at_plan_time(tmp_path):
     path = tmp_path / "unstorable.py"
     path.write_text(textwrap.dedent('''
-        from kt_bench.method import Method, register_method
+        from kt_bench.api.method import Method, register_method
 
         @register_method("unstorable")
         class Unstorable(Method):
@@ -118,7 +118,7 @@ def test_an_option_that_cannot_be_stored_is_refused_at_plan_time(tmp_path):
 def test_a_plugin_whose_describe_loses_an_option_is_refused(tmp_path):
     path = tmp_path / "lossy.py"
     path.write_text(textwrap.dedent('''
-        from kt_bench.method import Method, register_method
+        from kt_bench.api.method import Method, register_method
 
         @register_method("lossy")
         class Lossy(Method):

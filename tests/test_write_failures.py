@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kt_bench import atomic
-from kt_bench.cells import expand
-from kt_bench.cli import main
-from kt_bench.config import load_grid
-from kt_bench.errors import KtBenchError
-from kt_bench.startup import CLOCK
+from kt_bench.commands.main import main
+from kt_bench.core import atomic
+from kt_bench.core.clock import CLOCK
+from kt_bench.core.errors import KtBenchError
+from kt_bench.sweep.cells import expand
+from kt_bench.sweep.config import load_grid
 
 from .conftest import write_tiny_grid
 
@@ -29,7 +29,7 @@ def disk_full(path) -> OSError:
 
 
 def kt_bench_error(path) -> KtBenchError:
-    """What kt_bench.atomic raises for such a write."""
+    """What kt_bench.core.atomic raises for such a write."""
     return KtBenchError(f"cannot write {path}: {FULL}")
 
 
@@ -124,7 +124,7 @@ def test_a_log_that_cannot_be_written_fails_its_cell_alone(tmp_path, capsys):
 @pytest.mark.parametrize("error", [disk_full, kt_bench_error], ids=["OSError", "KtBenchError"])
 def test_a_report_that_cannot_be_written_costs_neither_table_nor_rows(tmp_path, capsys,
                                                                         monkeypatch, error):
-    import kt_bench.report_writer
+    import kt_bench.reporting.writer
 
     grid = write_tiny_grid(tmp_path)
     out = tmp_path / "out"
@@ -133,7 +133,7 @@ def test_a_report_that_cannot_be_written_costs_neither_table_nor_rows(tmp_path, 
     def write_report(out, rows=None):
         raise error(plot)
 
-    monkeypatch.setattr(kt_bench.report_writer, "write_report", write_report)
+    monkeypatch.setattr(kt_bench.reporting.writer, "write_report", write_report)
     code, stdout, stderr = _run(capsys, grid, out, report=True)
     assert "| kd " in stdout and f"rows: {out / 'results.csv'}" in stdout
     assert set(_rows(out)["status"]) == {"ok"}
