@@ -110,7 +110,8 @@ def test_console_script_error_has_no_traceback():
 
 @pytest.mark.parametrize("kind,expected", [
     ("methods", ["student", "nst_gauss", "fitnet", "stage1, stage2, stage3"]),
-    ("models", ["resnet56", "0.856M", "tv_resnet101"]),
+    # builds every model of the zoo twice (10 s on 2 cores)
+    pytest.param("models", ["resnet56", "0.856M", "tv_resnet101"], marks=pytest.mark.slow),
     ("datasets", ["digits", "synthetic"]),
     ("grids", ["demo"]),
 ])

@@ -151,6 +151,7 @@ def test_first_steps_of_a_compiled_student_match_eager(name, data, teachers):
         assert worst[0] <= TOLERANCE, (name, step, worst)
 
 
+@pytest.mark.slow  # 23 s on 2 cores: three students compiled
 def test_compiled_students_of_one_class_each_record_their_own_taps(data):
     """Dynamo shares compiled code between instances of a class: each student must still run
     its own hooks. Two students of one class with different weights, tapped at different

@@ -115,6 +115,7 @@ def test_crd_dry_run_lists_seven_pairs_times_every_method(capsys):
                      ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")}
 
 
+@pytest.mark.slow  # probes every network of the paper's grids (10 s on 2 cores)
 def test_paper_dry_run_lists_cifar_and_imagenet_cells_and_a_slice(capsys):
     assert main(["run", "--grid", "paper", "--dry-run"]) == 0
     out = capsys.readouterr().out
