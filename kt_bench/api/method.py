@@ -1,8 +1,9 @@
 """The method plugin API: a Method adds weighted loss terms to the student's cross-entropy.
 
-A plugin subclasses :class:`Method`, declares the taps it needs, optionally builds trainable
-parts of its own in :meth:`Method.setup` (they join the optimiser), and returns its unweighted
-loss terms from the student's and the teacher's taps. ``a+b`` names are built here as the sum of
+A plugin subclasses :class:`Method`, declares what it needs of the engine (its taps, ...) in
+one :class:`Needs`, optionally builds trainable parts of its own in :meth:`Method.setup` (they
+join the optimiser), and returns its unweighted loss terms from the student's and the
+teacher's taps and the step's :class:`Batch`. ``a+b`` names are built here as the sum of
 the members' weighted terms; nobody writes combinations by hand.
 """
 
