@@ -135,9 +135,23 @@ def worst_gradient(compiled: dict, eager: dict) -> tuple[float, str]:
 DEFAULT_RUN = ("nst_poly",)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=() if n in DEFAULT_RUN else pytest.mark.slow)
-    for n in sorted(METHODS.names())])
+#: Methods whose compiled first step differs from eager in a known way: in AB's and FSP's
+#: initialisation stage the logits are out of the loss, and the compiled graph gives the
+#: classifier zero gradients where eager gives none (so SGD's weight decay would touch it
+#: there). Found in this check, open; FT's stage (student in eval mode) does not show it.
+KNOWN_DIFFERENT = {"ab": "zero, not absent, classifier gradients in the init stage",
+                   "fsp": "zero, not absent, classifier gradients in the init stage"}
+
+
+def _marks(name: str) -> tuple:
+    marks = () if name in DEFAULT_RUN else (pytest.mark.slow,)
+    if name in KNOWN_DIFFERENT:
+        marks += (pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENT[name]),)
+    return marks
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n))
+                                  for n in sorted(METHODS.names())])
 def test_first_steps_of_a_compiled_student_match_eager(name, data, teachers):
     teacher = teachers["equal" if name == "fsp" else "wider"]
     torch._dynamo.reset()
