@@ -79,6 +79,36 @@ def write_tiny_grid(folder: Path, methods=("student", "kd"), seeds=(0,), epochs=
     return path
 
 
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``kt-bench argv`` in this process: the exit code, stdout and stderr (never a
+    traceback)."""
+    from kt_bench.commands.main import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def sorted_rows(out: Path):
+    """The rows of ``out/results.csv``, sorted by method."""
+    import pandas as pd
+
+    return pd.read_csv(out / "results.csv").sort_values("method").reset_index(drop=True)
+
+
+def rows_by_method(out: Path):
+    """The rows of ``out/results.csv``, indexed by method."""
+    import pandas as pd
+
+    return pd.read_csv(out / "results.csv").set_index("method")
+
+
+def set_aside(path: Path) -> list[Path]:
+    """The damaged copies of ``path`` that kt-bench set aside beside it."""
+    return sorted(path.parent.glob(f"{path.name}.damaged-*"))
+
+
 @pytest.fixture
 def tiny_grid(tmp_path: Path) -> Path:
     """A tiny grid file (student and kd, one seed, two epochs)."""

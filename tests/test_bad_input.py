@@ -11,21 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from kt_bench.commands.main import main
 from kt_bench.core.errors import ConfigError
 from kt_bench.core.options import Spec
 from kt_bench.models import build_model
 from kt_bench.sweep.cells import expand
 from kt_bench.sweep.config import load_grid
 
-from .conftest import write_tiny_grid
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """``kt-bench argv``: the exit code, stdout and stderr."""
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from .conftest import run_cli, write_tiny_grid
 
 
 def one_error(capsys, *argv: str) -> str:

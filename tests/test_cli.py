@@ -11,21 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kt_bench.commands.main import main
 from kt_bench.sweep.rows import RESULT_COLUMNS
 
-from .conftest import write_tiny_grid
+from .conftest import run_cli, write_tiny_grid
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BUILTIN_METHODS = ["ab", "at", "cc", "crd", "dist", "dkd", "fitnet", "fsp", "ft", "kd", "kd_ls",
                    "nst_gauss", "nst_linear", "nst_poly", "ofd", "pkt", "reviewkd", "rkd", "sp",
                    "student", "vid"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_run_writes_tidy_rows_prints_the_table_and_reuses_the_teacher(tmp_path, capsys):

@@ -8,12 +8,10 @@ import random
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
 from kt_bench.api.method import build_method
-from kt_bench.commands.main import main
 from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
 from kt_bench.sweep import teachers
@@ -21,7 +19,7 @@ from kt_bench.training.checkpoints import previous_path
 from kt_bench.training.engine import make_accelerator, train
 from kt_bench.training.recipe import Recipe
 
-from .conftest import write_tiny_grid
+from .conftest import run_cli, set_aside, sorted_rows, write_tiny_grid
 
 DATA = Spec("synthetic", {"n_train": 96, "n_test": 48, "image_size": 8, "noise": 2.0,
                           "augment": True})
@@ -41,10 +39,6 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         path.write_bytes(b"")
-
-
-def _asides(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f"{path.name}.damaged-*"))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +78,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_cell_starts_again(data, full,
     result = _train(data, ckpt)
     assert len(result.epoch_s) == 3  # from scratch
     assert _same(result, full)
-    (aside,) = _asides(ckpt)
+    (aside,) = set_aside(ckpt)
     assert aside.read_bytes() == damaged  # kept for a look
     log = (tmp_path / "log.txt").read_text()
     assert f"{ckpt} is damaged (" in log and aside.name in log and "starting from scratch" in log
@@ -107,7 +101,7 @@ def test_a_damaged_checkpoint_resumes_from_the_previous_copy(data, full, tmp_pat
     result = _train(data, ckpt)
     assert len(result.epoch_s) == 2  # epochs 2 and 3, after the previous copy's epoch 1
     assert _same(result, full)
-    assert len(_asides(ckpt)) == (how != "missing")
+    assert len(set_aside(ckpt)) == (how != "missing")
     assert f"resuming from {prev}" in (tmp_path / "log.txt").read_text()
 
 
@@ -117,7 +111,7 @@ def test_a_checkpoint_of_another_architecture_counts_as_damaged(data, full, tmp_
         _train(data, ckpt, stop_after=1, student=Spec("resnet8", {"width": 0.5}))
     result = _train(data, ckpt)
     assert _same(result, full)  # nothing of the half-fitting state was kept
-    assert len(_asides(ckpt)) == 1
+    assert len(set_aside(ckpt)) == 1
     log = (tmp_path / "log.txt").read_text()
     assert "(RuntimeError: Error(s) in loading state_dict for Trainee: size mismatch" in log
 
@@ -130,20 +124,9 @@ def run_copy(finished, tmp_path):
     return grid, tmp_path / "out"
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    stdout, err = capsys.readouterr()
-    assert "Traceback" not in stdout + err
-    return code, stdout, err
-
-
-def _rows(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "results.csv").sort_values("method").reset_index(drop=True)
-
-
 def test_a_damaged_teacher_cache_is_trained_again_once(run_copy, capsys, monkeypatch):
     grid, out = run_copy
-    before = _rows(out)
+    before = sorted_rows(out)
     (cache,) = (out / "teachers").glob("*.pt")
     _damage(cache, "random")
     # and a damaged training checkpoint of that teacher, as if it had been killed too
@@ -154,12 +137,12 @@ def test_a_damaged_teacher_cache_is_trained_again_once(run_copy, capsys, monkeyp
         (cell / "checkpoint.pt").unlink()
     trained = []
     monkeypatch.setattr(teachers, "train", lambda *a, **k: trained.append(1) or train(*a, **k))
-    code, _, err = _cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
+    code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
     assert code == 0 and len(trained) == 1
-    after = _rows(out)
+    after = sorted_rows(out)
     assert list(after["status"]) == ["ok", "ok"]
     assert after[NUMBERS].equals(before[NUMBERS])  # the same teacher, trained again
-    assert len(_asides(cache)) == 1 and len(_asides(ckpt)) == 1
+    assert len(set_aside(cache)) == 1 and len(set_aside(ckpt)) == 1
     assert not ckpt.exists() and not previous_path(ckpt).exists()
     assert f"kt-bench: {cache} is damaged (" in err and "training it again" in err
     assert cache.name in (out / "teachers" / "log.txt").read_text()
@@ -175,22 +158,22 @@ def test_a_damaged_cache_of_a_checkpoint_teacher_is_evaluated_again(tmp_path, ca
     grid = write_tiny_grid(tmp_path, methods=("kd",))
     out = tmp_path / "out"
     argv = ["run", "--grid", str(grid), "--out", str(out), "--no-report"]
-    assert _cli(capsys, *argv, "--teacher-checkpoint", str(good))[0] == 0
-    before = _rows(out)
+    assert run_cli(capsys, *argv, "--teacher-checkpoint", str(good))[0] == 0
+    before = sorted_rows(out)
     (cache,) = (out / "teachers").glob("*.pt")
     _damage(cache, "truncated")
     next((out / "cells").glob("*/result.json")).unlink()
-    code, _, err = _cli(capsys, *argv, "--teacher-checkpoint", str(good))
+    code, _, err = run_cli(capsys, *argv, "--teacher-checkpoint", str(good))
     assert code == 0 and "loading and evaluating it again" in err
-    assert _rows(out)[NUMBERS].equals(before[NUMBERS])
+    assert sorted_rows(out)[NUMBERS].equals(before[NUMBERS])
     assert not list((out / "teachers").glob("*.ckpt"))  # evaluated, not trained
 
     bad = tmp_path / "bad.pt"
     _damage(bad, "random")
-    code, _, err = _cli(capsys, "run", "--grid", str(grid), "--out", str(tmp_path / "o2"),
+    code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(tmp_path / "o2"),
                         "--no-report", "--teacher-checkpoint", str(bad))
     assert code == 1
-    row = _rows(tmp_path / "o2").iloc[0]
+    row = sorted_rows(tmp_path / "o2").iloc[0]
     assert row["status"] == "failed"
     assert row["error"].startswith(f"teacher checkpoint {bad} cannot be read: ")
     assert "\n" not in row["error"]
@@ -199,25 +182,25 @@ def test_a_damaged_cache_of_a_checkpoint_teacher_is_evaluated_again(tmp_path, ca
 @pytest.mark.parametrize("text", ["{bad", "[]", ""])
 def test_a_damaged_row_is_left_out_of_reports_and_its_cell_runs_again(run_copy, capsys, text):
     grid, out = run_copy
-    before = _rows(out)
+    before = sorted_rows(out)
     (kd,) = [p for p in (out / "cells").glob("*/result.json")
              if json.loads((p.parent / "config.json").read_text())["method"] == "kd"]
     kd.write_text(text)
 
-    code, stdout, err = _cli(capsys, "status", str(out))
+    code, stdout, err = run_cli(capsys, "status", str(out))
     assert code == 0
     assert "1 ok, 1 interrupted" in stdout and "result.json is damaged" in stdout
-    code, stdout, err = _cli(capsys, "report", str(out))
+    code, stdout, err = run_cli(capsys, "report", str(out))
     assert code == 0
     assert f"kt-bench: warning: {kd} is damaged" in err
 
-    code, _, err = _cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
+    code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
     assert code == 0 and f"{kd} is damaged" in err
-    assert len(_asides(kd)) == 1 and _asides(kd)[0].read_text() == text
-    after = _rows(out)
+    assert len(set_aside(kd)) == 1 and set_aside(kd)[0].read_text() == text
+    after = sorted_rows(out)
     assert list(after["status"]) == ["ok", "ok"]
     assert after[NUMBERS].equals(before[NUMBERS])  # rebuilt from the cell's last checkpoint
-    code, _, err = _cli(capsys, "report", str(out))
+    code, _, err = run_cli(capsys, "report", str(out))
     assert code == 0 and "damaged" not in err
 
 
@@ -226,12 +209,12 @@ def test_a_damaged_manifest_is_rebuilt_and_every_command_works(run_copy, capsys)
     manifest = out / "manifest.json"
     manifest.write_text("{bad\n")
 
-    code, stdout, err = _cli(capsys, "status", str(out))
+    code, stdout, err = run_cli(capsys, "status", str(out))
     assert code == 0 and "2 cells: 2 ok" in stdout
     assert f"kt-bench: warning: {manifest} is damaged" in err
-    code, _, err = _cli(capsys, "report", str(out))
+    code, _, err = run_cli(capsys, "report", str(out))
     assert code == 0
-    code, _, err = _cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
+    code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
     assert code == 0 and f"{manifest} is damaged" in err
     assert len(json.loads(manifest.read_text())) == 2  # rewritten whole
 
@@ -239,5 +222,5 @@ def test_a_damaged_manifest_is_rebuilt_and_every_command_works(run_copy, capsys)
     manifest.write_text("[]")
     config = next((out / "cells").glob("*/config.json"))
     config.write_text("{bad")
-    code, stdout, err = _cli(capsys, "status", str(out))
+    code, stdout, err = run_cli(capsys, "status", str(out))
     assert code == 0 and config.parent.name in stdout and "2 cells: 2 ok" in stdout

@@ -25,7 +25,7 @@ from kt_bench.core.interrupts import (
     sigterm_as_interrupt,
 )
 
-from .conftest import SLOW_PLUGIN, write_tiny_grid
+from .conftest import SLOW_PLUGIN, rows_by_method, write_tiny_grid
 
 EXITING_PLUGINS = '''
 import sys
@@ -92,10 +92,6 @@ def _plugins(tmp_path: Path, name: str, text: str) -> Path:
     return folder
 
 
-def _rows(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "results.csv").set_index("method")
-
-
 def test_a_plugin_that_calls_sys_exit_fails_its_own_cell_and_the_rest_go_on(tmp_path, capsys):
     plugins = _plugins(tmp_path, "exits", EXITING_PLUGINS)
     grid = write_tiny_grid(tmp_path, methods=("student", "kd", *EXITS))
@@ -105,14 +101,14 @@ def test_a_plugin_that_calls_sys_exit_fails_its_own_cell_and_the_rest_go_on(tmp_
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert f"{len(EXITS)} cell(s) did not finish ok" in err
-    rows = _rows(out)
+    rows = rows_by_method(out)
     for method, error in EXITS.items():
         assert (rows.loc[method, "status"], rows.loc[method, "error"]) == ("failed", error)
     # the others trained exactly as in a cohort without the exiting plugins
     clean = tmp_path / "clean"
     assert main(["run", "--grid", str(grid), "--out", str(clean), "--no-report",
                  "--methods", "student,kd"]) == 0
-    theirs = _rows(clean).loc[["student", "kd"]]
+    theirs = rows_by_method(clean).loc[["student", "kd"]]
     same = [c for c in theirs.columns if c not in (*TIMING, "error")]
     pd.testing.assert_frame_equal(rows.loc[["student", "kd"], same], theirs[same],
                                   check_dtype=False)
@@ -182,7 +178,6 @@ def test_sigterm_is_an_interrupt_within_the_block_and_the_old_handler_returns_af
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
-
 
 
 STOPS = {signal.SIGINT: (130, "kt-bench: interrupted: rerun the same command to resume",

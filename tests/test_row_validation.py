@@ -10,16 +10,14 @@ import math
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from kt_bench.commands.main import main
 from kt_bench.core import atomic
 from kt_bench.sweep.cells import expand
 from kt_bench.sweep.config import load_grid
 from kt_bench.sweep.rows import IDENTITY_FIELDS, DamagedRowError, StrayRowError, check_row
 
-from .conftest import write_tiny_grid
+from .conftest import run_cli, set_aside, sorted_rows, write_tiny_grid
 
 NUMBERS = ["top1", "top5", "top1_best", "teacher_top1"]
 
@@ -33,21 +31,6 @@ def run_copy(finished, tmp_path):
     (kd,) = [p for p in (out / "cells").glob("*/result.json")
              if json.loads(p.read_text())["method"] == "kd"]
     return grid, out, kd
-
-
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    stdout, err = capsys.readouterr()
-    assert "Traceback" not in stdout + err
-    return code, stdout, err
-
-
-def _rows(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "results.csv").sort_values("method").reset_index(drop=True)
-
-
-def _asides(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f"{path.name}.damaged-*"))
 
 
 def _edit(path: Path, change) -> None:
@@ -79,14 +62,14 @@ def test_a_row_with_bad_values_is_named_and_left_out_of_the_report(run_copy, cap
     _, out, kd = run_copy
     change, reason = BAD_VALUES[case]
     _edit(kd, change)
-    code, stdout, err = _cli(capsys, "report", str(out))
+    code, stdout, err = run_cli(capsys, "report", str(out))
     assert code == 0
     assert f"kt-bench: warning: {kd} is damaged ({reason}" in err
     assert err.count("\n") == 1
-    assert list(_rows(out)["method"]) == ["student"]
+    assert list(sorted_rows(out)["method"]) == ["student"]
     assert (out / "report.md").exists() and "| student " in stdout
 
-    code, stdout, err = _cli(capsys, "status", str(out))
+    code, stdout, err = run_cli(capsys, "status", str(out))
     assert code == 0 and "result.json is damaged" in stdout
 
 
@@ -102,9 +85,9 @@ def test_a_row_file_that_holds_no_object_is_left_out_of_the_report(run_copy, cap
         kd.mkdir()
     else:
         kd.write_bytes(b"\xff\xfe{}")
-    code, _, err = _cli(capsys, "report", str(out))
+    code, _, err = run_cli(capsys, "report", str(out))
     assert code == 0 and f"kt-bench: warning: {kd} is damaged (" in err
-    assert list(_rows(out)["method"]) == ["student"]
+    assert list(sorted_rows(out)["method"]) == ["student"]
 
 
 def test_a_stray_row_without_identity_is_skipped_with_one_line(run_copy, capsys):
@@ -112,35 +95,35 @@ def test_a_stray_row_without_identity_is_skipped_with_one_line(run_copy, capsys)
     stray = out / "cells" / "x" / "result.json"
     stray.parent.mkdir()
     stray.write_text(json.dumps({"status": "ok", "top1": 3.0}))
-    code, _, err = _cli(capsys, "report", str(out))
+    code, _, err = run_cli(capsys, "report", str(out))
     assert code == 0
     assert f"kt-bench: warning: {stray} is not a cell's result row (no grid, " in err
     assert err.rstrip().endswith("; skipped")
-    assert len(_rows(out)) == 2
+    assert len(sorted_rows(out)) == 2
 
     # a run rebuilds results.csv after each cell: the stray row is named once, and kept
     for row in (out / "cells").glob("*/result.json"):
         if row != stray:
             row.unlink()
-    code, _, err = _cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
+    code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
     assert code == 0 and err.count(f"{stray} is not a cell's result row") == 1
-    assert stray.exists() and not _asides(stray)
-    assert list(_rows(out)["status"]) == ["ok", "ok"]
+    assert stray.exists() and not set_aside(stray)
+    assert list(sorted_rows(out)["status"]) == ["ok", "ok"]
 
 
 @pytest.mark.parametrize("case", ["top1 a word", "no top1", "seed as text"])
 def test_a_run_sets_a_bad_row_aside_and_runs_its_cell_again(run_copy, capsys, case):
     grid, out, kd = run_copy
-    before = _rows(out)
+    before = sorted_rows(out)
     original = kd.read_text()
     _edit(kd, BAD_VALUES[case][0])
     damaged = kd.read_text()
-    code, stdout, err = _cli(capsys, "run", "--grid", str(grid), "--out", str(out),
+    code, stdout, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out),
                              "--no-report")
     assert code == 0
     assert f"kt-bench: warning: {kd} is damaged ({BAD_VALUES[case][1]}" in err
-    assert len(_asides(kd)) == 1 and _asides(kd)[0].read_text() == damaged
-    after = _rows(out)
+    assert len(set_aside(kd)) == 1 and set_aside(kd)[0].read_text() == damaged
+    after = sorted_rows(out)
     assert list(after["status"]) == ["ok", "ok"]
     assert after[NUMBERS].equals(before[NUMBERS])  # rebuilt from the cell's checkpoint
     assert json.loads(kd.read_text())["top1"] == json.loads(original)["top1"]
@@ -150,9 +133,9 @@ def test_a_run_sets_aside_a_folder_named_result_json(run_copy, capsys):
     grid, out, kd = run_copy
     kd.unlink()
     kd.mkdir()
-    code, _, err = _cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
+    code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
     assert code == 0 and f"{kd} is damaged (not readable JSON)" in err
-    assert kd.is_file() and _asides(kd)[0].is_dir()
+    assert kd.is_file() and set_aside(kd)[0].is_dir()
 
 
 def _refuse_to_read(monkeypatch, unreadable: Path) -> None:
@@ -178,12 +161,12 @@ def unreadable(run_copy, monkeypatch):
 
 def test_an_unreadable_row_is_named_by_report_and_status(run_copy, unreadable, capsys):
     _, out, kd = run_copy
-    code, stdout, err = _cli(capsys, "report", str(out))
+    code, stdout, err = run_cli(capsys, "report", str(out))
     assert code == 0
     assert f"kt-bench: warning: cannot read {kd}: permission denied" in err
     assert err.rstrip().endswith("its row is left out") and err.count("\n") == 1
-    assert list(_rows(out)["method"]) == ["student"]
-    code, stdout, _ = _cli(capsys, "status", str(out))
+    assert list(sorted_rows(out)["method"]) == ["student"]
+    code, stdout, _ = run_cli(capsys, "status", str(out))
     assert code == 0 and " unreadable " in stdout and "1 unreadable" in stdout
 
 
@@ -192,15 +175,15 @@ def test_a_run_leaves_an_unreadable_row_and_its_cell_to_the_owner(run_copy, unre
     grid, out, kd = run_copy
     text, stamp = kd.read_text(), kd.stat().st_mtime_ns
     argv = ["run", "--grid", str(grid), "--out", str(out), "--no-report"]
-    code, stdout, err = _cli(capsys, *argv)
+    code, stdout, err = run_cli(capsys, *argv)
     assert code == 0
     assert (f"kt-bench: warning: cannot read {kd}: permission denied" in err
             and "its cell is left to the file's owner" in err)
-    assert kd.read_text() == text and kd.stat().st_mtime_ns == stamp and not _asides(kd)
+    assert kd.read_text() == text and kd.stat().st_mtime_ns == stamp and not set_aside(kd)
     assert "| kd " not in stdout and "| student " in stdout
 
-    code, _, err = _cli(capsys, *argv, "--only", "method=kd")
-    assert code == 2 and "nothing to run" in err and not _asides(kd)
+    code, _, err = run_cli(capsys, *argv, "--only", "method=kd")
+    assert code == 2 and "nothing to run" in err and not set_aside(kd)
 
 
 def test_an_unreadable_manifest_is_left_as_it_is(run_copy, capsys, monkeypatch):
@@ -208,12 +191,12 @@ def test_an_unreadable_manifest_is_left_as_it_is(run_copy, capsys, monkeypatch):
     manifest = out / "manifest.json"
     text = manifest.read_text()
     _refuse_to_read(monkeypatch, manifest)
-    code, stdout, err = _cli(capsys, "status", str(out))
+    code, stdout, err = run_cli(capsys, "status", str(out))
     assert code == 0 and "2 cells: 2 ok" in stdout
     assert f"kt-bench: warning: cannot read {manifest}: permission denied" in err
-    code, _, err = _cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
+    code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--no-report")
     assert code == 0 and "status finds the cells by their config.json" in err
-    assert manifest.read_text() == text and not _asides(manifest)
+    assert manifest.read_text() == text and not set_aside(manifest)
 
 
 def test_identity_fields_are_those_a_cell_and_the_runner_write(tmp_path):
@@ -240,10 +223,10 @@ def test_malformed_metrics_leave_out_one_curve_only(run_copy, capsys, metrics):
         path.mkdir()
     else:
         path.write_text(metrics)
-    code, _, err = _cli(capsys, "report", str(out))
+    code, _, err = run_cli(capsys, "report", str(out))
     assert code == 0 and f"kt-bench: warning: {path} " in err and "curve is left out" in err
     assert (out / "report" / "curves.png").exists()
-    code, stdout, _ = _cli(capsys, "status", str(out))
+    code, stdout, _ = run_cli(capsys, "status", str(out))
     assert code == 0 and "2 cells: 2 ok" in stdout
 
 
@@ -251,7 +234,7 @@ def test_a_results_csv_that_cannot_be_written_does_not_stop_the_report(run_copy,
     _, out, _ = run_copy
     (out / "results.csv").unlink()
     (out / "results.csv").mkdir()
-    code, stdout, err = _cli(capsys, "report", str(out))
+    code, stdout, err = run_cli(capsys, "report", str(out))
     assert code == 0 and f"cannot write {out / 'results.csv'}" in err
     assert "| kd " in stdout and (out / "report.md").exists()
 
@@ -260,7 +243,7 @@ def test_a_report_of_rows_all_left_out_says_there_are_no_results(run_copy, capsy
     _, out, _ = run_copy
     for path in (out / "cells").glob("*/result.json"):
         path.write_text("{}")
-    code, stdout, err = _cli(capsys, "report", str(out))
+    code, stdout, err = run_cli(capsys, "report", str(out))
     assert code == 0 and "(no results)" in stdout and err.count("is not a cell's result") == 2
     assert "(no results)" in (out / "report.md").read_text()
 
@@ -268,6 +251,6 @@ def test_a_report_of_rows_all_left_out_says_there_are_no_results(run_copy, capsy
 def test_swept_values_that_are_lists_or_names_do_not_stop_a_report(run_copy, capsys):
     _, out, kd = run_copy
     _edit(kd, lambda r: r.update({"kd.layers": ["stage1", "stage2"], "kd.mode": "soft"}))
-    code, stdout, err = _cli(capsys, "report", str(out))
+    code, stdout, err = run_cli(capsys, "report", str(out))
     assert code == 0 and err == ""
     assert '["stage1", "stage2"]' in stdout and "soft" in stdout

@@ -23,7 +23,7 @@ from kt_bench.sweep.config import Recipe, load_grid
 from kt_bench.training.checkpoints import load_checkpoint, load_plain, previous_path
 from kt_bench.training.engine import make_accelerator, train
 
-from .conftest import write_tiny_grid
+from .conftest import set_aside, write_tiny_grid
 from .fixtures import write_cifar10
 
 DATA = Spec("synthetic", {"n_train": 96, "n_test": 48, "image_size": 8, "noise": 2.0})
@@ -51,10 +51,6 @@ def _crafted(path: Path, marker: Path, torch_format: bool = True) -> Path:
         with open(path, "wb") as fh:
             pickle.dump({"label_names": _Payload(marker)}, fh)
     return path
-
-
-def _asides(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f"{path.name}.damaged-*"))
 
 
 def test_the_crafted_file_would_run_its_code_if_unpickled_in_full(tmp_path):
@@ -90,7 +86,7 @@ def test_a_cell_checkpoint_and_its_previous_copy_with_code_start_the_cell_afresh
                    checkpoint=ckpt)
     assert len(result.epoch_s) == 1  # trained from scratch
     assert not marker.exists()
-    assert len(_asides(ckpt)) == 1 and len(_asides(previous_path(ckpt))) == 1
+    assert len(set_aside(ckpt)) == 1 and len(set_aside(previous_path(ckpt))) == 1
     log = (tmp_path / "log.txt").read_text()
     assert f"{ckpt} is damaged (it needs posix.system to load" in log
     assert f"{previous_path(ckpt)} is damaged (" in log and "starting from scratch" in log
@@ -123,7 +119,7 @@ def test_a_teacher_cache_with_code_is_set_aside_and_the_teacher_made_again(tiny,
     marker = tmp_path / "ran"
     path = _crafted(teachers.teacher_path(tmp_path / "cache", cell), marker)
     assert teachers._load_cached(cell, data, accelerator, path) is None
-    assert not marker.exists() and len(_asides(path)) == 1
+    assert not marker.exists() and len(set_aside(path)) == 1
     err = capsys.readouterr().err
     assert f"kt-bench: {path} is damaged (it needs posix.system to load" in err
     assert "training it again" in err
@@ -137,7 +133,7 @@ def test_a_teachers_training_checkpoint_with_code_is_not_resumed(tiny, tmp_path,
     ckpt = _crafted(teachers.teacher_path(cache, cell).with_suffix(".ckpt"), marker)
     _, metrics = teachers.get_teacher(cell, data, accelerator, cache)
     assert not marker.exists()
-    assert len(_asides(ckpt)) == 1 and not ckpt.exists()  # trained afresh, then removed
+    assert len(set_aside(ckpt)) == 1 and not ckpt.exists()  # trained afresh, then removed
     assert f"{ckpt} is damaged (it needs posix.system" in (cache / "log.txt").read_text()
     cached = load_plain(teachers.teacher_path(cache, cell))  # the new cache is plain data
     assert cached["metrics"]["top1"] == metrics["top1"]

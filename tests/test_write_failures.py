@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from kt_bench.commands.main import main
@@ -17,7 +16,7 @@ from kt_bench.core.errors import KtBenchError
 from kt_bench.sweep.cells import expand
 from kt_bench.sweep.config import load_grid
 
-from .conftest import write_tiny_grid
+from .conftest import rows_by_method, write_tiny_grid
 
 FULL = "No space left on device"
 CPU = ["--device", "cpu", "--precision", "no"]
@@ -54,10 +53,6 @@ def _run(capsys, grid: Path, out: Path, report: bool = False) -> tuple[int, str,
     return code, stdout, [s for s in segments if s and "%|" not in s]
 
 
-def _rows(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "results.csv").set_index("method")
-
-
 def _cell_dir(grid: Path, out: Path, method: str, seed: int = 0) -> Path:
     """The folder of the cell of ``method`` and ``seed`` (at --precision no)."""
     (cell,) = [c for c in expand(load_grid(str(grid)), "no")
@@ -85,7 +80,8 @@ def test_a_row_that_cannot_be_kept_stops_the_grid_with_one_line(tmp_path, capsys
 
     monkeypatch.undo()  # room again: the same command runs every cell
     code, _, _ = _run(capsys, grid, out)
-    assert code == 0 and len(_rows(out)) == 4 and set(_rows(out)["status"]) == {"ok"}
+    rows = rows_by_method(out)
+    assert code == 0 and len(rows) == 4 and set(rows["status"]) == {"ok"}
 
 
 @pytest.mark.parametrize("writer,name,error,expected", [
@@ -102,7 +98,7 @@ def test_a_cell_whose_file_cannot_be_written_fails_alone(tmp_path, capsys, monke
     monkeypatch.setattr(atomic, writer, failing(getattr(atomic, writer), name, error, kd))
     code, _, stderr = _run(capsys, grid, out)
     assert code == 1 and stderr == ["kt-bench: 1 cell(s) did not finish ok: kd seed 0 (failed)"]
-    rows = _rows(out)
+    rows = rows_by_method(out)
     assert rows.loc["student", "status"] == "ok"
     assert rows.loc["kd", "status"] == "failed"
     assert rows.loc["kd", "error"] == expected.format(path=kd / name)
@@ -115,7 +111,7 @@ def test_a_log_that_cannot_be_written_fails_its_cell_alone(tmp_path, capsys):
     (kd / "log.txt").mkdir(parents=True)  # a log no one can append to, not even root
     code, _, stderr = _run(capsys, grid, out)
     assert code == 1 and stderr == ["kt-bench: 1 cell(s) did not finish ok: kd seed 0 (failed)"]
-    rows = _rows(out)
+    rows = rows_by_method(out)
     assert rows.loc["student", "status"] == "ok"
     assert (rows.loc["kd", "status"], rows.loc["kd", "error"]) == (
         "failed", f"cannot write {kd / 'log.txt'}: Is a directory")
@@ -136,7 +132,7 @@ def test_a_report_that_cannot_be_written_costs_neither_table_nor_rows(tmp_path, 
     monkeypatch.setattr(kt_bench.reporting.writer, "write_report", write_report)
     code, stdout, stderr = _run(capsys, grid, out, report=True)
     assert "| kd " in stdout and f"rows: {out / 'results.csv'}" in stdout
-    assert set(_rows(out)["status"]) == {"ok"}
+    assert set(rows_by_method(out)["status"]) == {"ok"}
     said = {disk_full: f"{plot}: {FULL}", kt_bench_error: f"cannot write {plot}: {FULL}"}
     assert code == 1 and stderr == [f"kt-bench: the report was not written: {said[error]}"]
 
@@ -148,6 +144,6 @@ def test_startup_timings_that_cannot_be_written_cost_no_cell(tmp_path, capsys, m
     monkeypatch.setattr(atomic, "write_json",
                         failing(atomic.write_json, "startup.json", disk_full))
     code, stdout, stderr = _run(capsys, grid, out)
-    assert code == 0 and set(_rows(out)["status"]) == {"ok"}
+    assert code == 0 and set(rows_by_method(out)["status"]) == {"ok"}
     assert "start-up: " in stdout
     assert stderr == [f"kt-bench: startup.json not written: {out / 'startup.json'}: {FULL}"]
