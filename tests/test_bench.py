@@ -27,7 +27,7 @@ from kt_bench.bench.speed import (
     run_bench,
 )
 from kt_bench.commands.main import main
-from kt_bench.training.engine import make_accelerator
+from kt_bench.training.device import make_accelerator
 
 
 def test_bench_reports_every_figure_and_consistent_ratios():

@@ -24,7 +24,9 @@ from kt_bench.models import build_model
 from kt_bench.sweep.config import LauncherConfig
 from kt_bench.sweep.launch import JobSettings, executor_parameters, submit
 from kt_bench.sweep.rows import read_rows
-from kt_bench.training.engine import in_layout, make_accelerator, train, training_memory_format
+from kt_bench.training.device import make_accelerator, training_memory_format
+from kt_bench.training.engine import train
+from kt_bench.training.lifecycle import in_layout
 
 pytest.importorskip("submitit")
 
@@ -300,7 +302,8 @@ import torch
 from kt_bench.api import plugins
 from kt_bench.training.recipe import Recipe
 from kt_bench.data import load_dataset
-from kt_bench.training.engine import make_accelerator, train
+from kt_bench.training.engine import train
+from kt_bench.training.device import make_accelerator
 from kt_bench.api.method import build_method, method_config
 from kt_bench.models import build_model
 from kt_bench.core.options import Spec

@@ -16,7 +16,8 @@ from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
 from kt_bench.sweep import teachers
 from kt_bench.training.checkpoints import previous_path
-from kt_bench.training.engine import make_accelerator, train
+from kt_bench.training.device import make_accelerator
+from kt_bench.training.engine import train
 from kt_bench.training.recipe import Recipe
 
 from .conftest import run_cli, set_aside, sorted_rows, write_tiny_grid

@@ -13,7 +13,8 @@ from kt_bench.core.errors import KtBenchError
 from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
 from kt_bench.data.bundle import epoch_batches
-from kt_bench.training.engine import DivergedError, make_accelerator, train
+from kt_bench.training.device import make_accelerator
+from kt_bench.training.engine import DivergedError, train
 from kt_bench.training.recipe import Recipe
 
 DATA = Spec("synthetic", {"n_train": 96, "n_test": 48, "image_size": 8, "noise": 2.0,

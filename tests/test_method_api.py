@@ -28,7 +28,7 @@ from kt_bench.models import build_model
 from kt_bench.training.device import make_accelerator
 from kt_bench.training.engine import train_cohort
 from kt_bench.training.hooks import TrainingHooks
-from kt_bench.training.lifecycle import check_batch
+from kt_bench.training.lifecycle import Trainee, check_batch, plan_epoch, step_loss
 from kt_bench.training.recipe import Recipe
 
 DATA = Spec("synthetic", {"n_train": 96, "n_test": 48, "image_size": 8, "noise": 2.0})
@@ -240,3 +240,12 @@ def test_a_lone_student_gives_its_step_values_to_a_hook_that_wants_them(data):
                  0, make_accelerator("cpu"), hooks=[recorder])
     values = [c for c in recorder.calls if c[0] == "step_values"]
     assert values == [("step_values", s, ["ce", "loss"]) for s in (1, 2, 3)]
+
+
+def test_a_step_without_the_indices_its_method_reads_is_a_one_line_error():
+    """step_loss, the one step of every loop, checks the batch against the method's needs."""
+    method = _Initialising()
+    trainee = Trainee(build_model("resnet8", 10, 3), method)
+    plan = plan_epoch(method, 2, 1, 1.0)  # its main stage
+    with pytest.raises(KtBenchError, match="needs the samples' indices"):
+        step_loss(trainee, torch.randn(2, 3, 8, 8), plan.batch(LABELS[:2]), {}, plan)

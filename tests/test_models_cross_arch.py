@@ -48,7 +48,8 @@ from kt_bench.data import load_dataset
 from kt_bench.models import build_model, count_parameters
 from kt_bench.models.taps import TapRecorder
 from kt_bench.sweep.teachers import load_state
-from kt_bench.training.engine import make_accelerator, train
+from kt_bench.training.device import make_accelerator
+from kt_bench.training.engine import train
 from kt_bench.training.recipe import Recipe
 
 NAMES = ("mobilenetv2", "shufflev1", "shufflev2", "resnet50")

@@ -21,7 +21,8 @@ from kt_bench.sweep import teachers
 from kt_bench.sweep.cells import expand
 from kt_bench.sweep.config import Recipe, load_grid
 from kt_bench.training.checkpoints import load_checkpoint, load_plain, previous_path
-from kt_bench.training.engine import make_accelerator, train
+from kt_bench.training.device import make_accelerator
+from kt_bench.training.engine import train
 
 from .conftest import set_aside, write_tiny_grid
 from .fixtures import write_cifar10

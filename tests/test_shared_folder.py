@@ -32,7 +32,8 @@ from kt_bench.sweep.cells import expand
 from kt_bench.sweep.config import Recipe, load_grid
 from kt_bench.training import checkpoints
 from kt_bench.training.checkpoints import load_checkpoint, log_beside, save_checkpoint
-from kt_bench.training.engine import make_accelerator, train
+from kt_bench.training.device import make_accelerator
+from kt_bench.training.engine import train
 
 from .conftest import write_tiny_grid
 

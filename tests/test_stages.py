@@ -28,7 +28,8 @@ from kt_bench.api.method import (
 from kt_bench.commands.main import main
 from kt_bench.core.options import Spec
 from kt_bench.data import load_dataset
-from kt_bench.training.engine import make_accelerator, train, train_cohort
+from kt_bench.training.device import make_accelerator
+from kt_bench.training.engine import train, train_cohort
 from kt_bench.training.recipe import Recipe
 
 from .conftest import write_tiny_grid

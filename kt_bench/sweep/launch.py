@@ -59,7 +59,7 @@ class CellJob:
         """Run the cells; return their rows."""
         from kt_bench.api.plugins import load_plugins
         from kt_bench.sweep.runner import run_cells
-        from kt_bench.training.engine import make_accelerator
+        from kt_bench.training.device import make_accelerator
 
         _export_distributed_env()
         load_plugins(self.settings.plugins)

@@ -31,30 +31,22 @@ from kt_bench.core.seeds import derived_seed
 from kt_bench.data.bundle import DataBundle
 from kt_bench.models import build_model
 from kt_bench.training.checkpoints import restore_training, save_checkpoint
-from kt_bench.training.device import (  # noqa: F401  (re-exported: the engine's devices)
-    DEVICES,
+from kt_bench.training.device import (
     channels_last,
-    check_device_and_precision,
     compile_model,
-    make_accelerator,
-    sync_device,
     training_memory_format,
 )
-from kt_bench.training.hooks import HookList, TrainingHooks, standard_hooks  # noqa: F401
-from kt_bench.training.lifecycle import (  # noqa: F401  (re-exported: one step's parts)
+from kt_bench.training.hooks import HookList, TrainingHooks
+from kt_bench.training.lifecycle import (
     EpochPlan,
     TeacherTaps,
     Trainee,
     base_ce_weight,
-    batch_statistics_teacher,
     in_layout,
     plan_epoch,
     prepare_on_probe,
     step_loss,
-    tap_shapes,
-    teacher_taps,
     total_epochs,
-    total_loss,
 )
 from kt_bench.training.recipe import Recipe
 

@@ -182,7 +182,8 @@ def step_loss(trainee: nn.Module, x: torch.Tensor, batch: Batch, teacher_taps: d
               plan: EpochPlan) -> StepLoss:
     """The student's forward pass on ``x`` and the loss of ``plan`` on it (``trainee`` a
     :class:`Trainee`, possibly wrapped for data parallelism; run under the caller's
-    autocast)."""
+    autocast); a one-line error where ``batch`` lacks what the method declares it reads."""
+    check_batch(_method_of(trainee), batch)
     logits, terms = trainee(x, teacher_taps, batch)
     return StepLoss(logits, terms,
                     total_loss(logits, batch.labels, terms, plan.weights, plan.ce_weight))
@@ -255,3 +256,8 @@ class TeacherTaps:
 
 def _batch_statistics(method: Method) -> bool:
     return method.needs.teacher_mode == TEACHER_BATCH_STATISTICS
+
+
+def _method_of(trainee: nn.Module) -> Method:
+    """The method of a :class:`Trainee`, unwrapped from data parallelism where it is."""
+    return getattr(trainee, "module", trainee).method

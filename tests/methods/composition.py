@@ -88,7 +88,6 @@ def step(trainee: lifecycle.Trainee, teacher: nn.Module, x: torch.Tensor, y: tor
     t_taps = read_teacher(method, teacher, x, autocast)
     plan = main_plan(method, epoch, epochs, recipe_ce)
     batch = plan.batch(y, indices, seed)
-    lifecycle.check_batch(method, batch)
     trainee.train()
     with autocast() if autocast else contextlib.nullcontext():
         return lifecycle.step_loss(trainee, x, batch, t_taps, plan)
