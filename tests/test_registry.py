@@ -15,8 +15,8 @@ from kt_bench.core.errors import ConfigError, PluginError, UnknownNameError
 from kt_bench.core.registry import Registry
 
 BUILTIN = ["ab", "at", "cc", "crd", "dist", "dkd", "fitnet", "fsp", "ft", "kd", "kd_ls",
-           "nst_gauss", "nst_linear", "nst_poly", "ofd", "pkt", "reviewkd", "rkd", "sp", "student",
-           "vid"]
+           "nst_gauss", "nst_linear", "nst_poly", "ofa", "ofd", "pkt", "reviewkd", "rkd", "sp",
+           "student", "vid"]
 
 PLUGIN = '''
 import torch
@@ -385,8 +385,11 @@ def test_every_module_of_a_builtin_package_registers_without_a_list(package):
     modules = {m.name for m in pkgutil.iter_modules(pkg.__path__)
                if not m.name.startswith("_")} - set(pkg.INFRASTRUCTURE)
     assert modules and all(f"{package}.{m}" in sys.modules for m in modules)
+    from kt_bench.core.registry import origin_of
+
     origins = {Path(registry.origin(n)).stem for n in registry.names()}
-    assert modules <= origins  # every module registered something
+    origins |= {Path(origin_of(f.resolve)).stem for f in registry.families()}
+    assert modules <= origins  # every module registered something (a name or a family)
 
 
 def test_import_modules_imports_all_but_private_and_skipped_ones(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import argparse
 from tabulate import tabulate
 
 from kt_bench.commands.common import add_plugins_arg
+from kt_bench.core.errors import KtBenchError
 
 LIST_KINDS = ("methods", "models", "datasets", "grids")
 
@@ -18,6 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction, help: str) -> argparse.Ar
     """Add the ``list`` command, described by ``help``, to ``subparsers``."""
     parser = subparsers.add_parser("list", help=help)
     parser.add_argument("kind", choices=LIST_KINDS)
+    parser.add_argument("pattern", nargs="?", default=None,
+                        help="models: the names of a family matching a shell-style pattern, "
+                             "e.g. 'timm:vit_*'")
     add_plugins_arg(parser)
     return parser
 
@@ -29,8 +33,15 @@ def run(args: argparse.Namespace) -> int:
         from kt_bench.api.plugins import load_plugins
 
         load_plugins(args.plugins)
-    tables = {"methods": _methods, "models": _models, "datasets": _datasets, "grids": _grids}
-    rows, headers = tables[args.kind]()
+    if args.pattern is not None and args.kind != "models":
+        raise KtBenchError(f"list {args.kind} takes no pattern; accepted: list models "
+                           "'PREFIX:PATTERN' (e.g. 'timm:vit_*')")
+    if args.pattern is not None:
+        rows, headers = _family_names(args.pattern)
+    else:
+        tables = {"methods": _methods, "models": _models, "datasets": _datasets,
+                  "grids": _grids}
+        rows, headers = tables[args.kind]()
     print(tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True))
     return 0
 
@@ -56,13 +67,33 @@ def _methods() -> Table:
 
 
 def _models() -> Table:
-    """Each model: its parameter count for 10 and 1000 classes and what it is."""
+    """Each model: its parameter count for 10 and 1000 classes and what it is; then each
+    family of models (timm's) in one row: how many, and how to see their names."""
     # here and below: each kind's modules (the networks, the datasets) load for it alone
     from kt_bench.models import MODELS, build_model, count_parameters
 
     rows = [(n, *(f"{count_parameters(build_model(n, k)) / 1e6:.3f}M" for k in (10, 1000)),
              _summary(b)) for n, b in MODELS.items()]
+    for family in MODELS.families():
+        count = len(family.names("*"))
+        rows.append((f"{family.prefix}:<name>", f"{count} models" if count else "-", "",
+                     family.about))
     return rows, ["model", "params, 10 classes", "1000 classes", "what"]
+
+
+def _family_names(pattern: str) -> Table:
+    """The names of the family ``pattern`` names (``PREFIX:PATTERN``) that match it."""
+    from kt_bench.models import MODELS
+
+    prefix, colon, rest = pattern.partition(":")
+    families = {f.prefix: f for f in MODELS.families()}
+    if not colon or prefix not in families:
+        raise KtBenchError(f"pattern '{pattern}' names no family of models; accepted: "
+                           f"{', '.join(f'{p}:PATTERN' for p in families) or '(none)'}")
+    names = families[prefix].names(rest or "*")
+    if not names:
+        raise KtBenchError(f"no {prefix} model matches '{rest}' ({families[prefix].about})")
+    return [(f"{prefix}:{n}",) for n in names], ["model"]
 
 
 def _datasets() -> Table:

@@ -44,6 +44,16 @@ class Spec:
         return {"name": self.name, **dict(sorted(self.options.items()))}
 
 
+#: Model options that download weights (torchvision's ``weights``, timm's ``pretrained``),
+#: left out where only shapes are needed.
+DOWNLOAD_OPTIONS = ("weights", "pretrained")
+
+
+def without_downloads(spec: Spec) -> Spec:
+    """``spec`` without the options that download weights (for shapes and counts)."""
+    return Spec(spec.name, {k: v for k, v in spec.options.items() if k not in DOWNLOAD_OPTIONS})
+
+
 def accepted_options(fn: Callable, fixed: Collection[str] = ()) -> list[str]:
     """The keyword options ``fn`` accepts, less the ``fixed`` ones the harness supplies."""
     params = inspect.signature(fn).parameters.values()
@@ -55,17 +65,26 @@ def accepted_options(fn: Callable, fixed: Collection[str] = ()) -> list[str]:
     ]
 
 
+def passes_other_options(fn: Callable) -> bool:
+    """Whether ``fn`` takes ``**options``: the options it does not name pass through it
+    unchecked to what it wraps (e.g. timm's ``create_model``)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.kind is p.VAR_KEYWORD for p in params)
+
+
 def check_options(
     fn: Callable, options: Mapping[str, Any], what: str, fixed: Collection[str] = (),
     extra: Collection[str] = (),
 ) -> None:
     """Raise a one-line ConfigError if ``options`` holds a key ``fn`` does not accept
-    (``extra`` names keys accepted besides ``fn``'s own): the first check of
+    (``extra`` names keys accepted besides ``fn``'s own; a function taking ``**options``
+    accepts every key but the ``fixed`` ones): the first check of
     :func:`resolve_options`, the one resolver of every method's, model's and dataset's
     options."""
     accepted = [*accepted_options(fn, fixed), *extra]
+    open_ended = passes_other_options(fn)
     for key in options:
-        if key not in accepted:
+        if key not in accepted and (not open_ended or key in fixed):
             raise ConfigError(
                 f"unknown option '{key}' for {what}; accepted: {', '.join(accepted) or '(none)'}"
             )
@@ -159,6 +178,9 @@ def resolve_options(fn: Callable, options: Mapping[str, Any], what: str,
             raise ConfigError(f"{what}: option {name} = {value!r} is invalid; accepted: a "
                               "finite number")
         out[name] = value
+    if passes_other_options(fn):
+        named = set(accepted_options(fn, fixed)) | set(fixed)
+        out.update({k: v for k, v in options.items() if k not in named})
     return out
 
 

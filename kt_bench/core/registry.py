@@ -38,8 +38,26 @@ def import_modules(package: str, path: Iterable[str], skip: Collection[str] = ()
     return names
 
 
+class Family(Generic[T]):
+    """A family of entries named ``<prefix>:<name>`` that a registry resolves on demand (e.g.
+    ``timm:resnet18``) rather than holding one by one.
+
+    ``resolve(name)`` returns the entry for the name after the prefix (or raises a one-line
+    error); ``names(pattern)`` lists the family's names matching a shell-style pattern;
+    ``about`` says in a line what the family is and how to see its names.
+    """
+
+    def __init__(self, prefix: str, resolve: Callable[[str], T], names: Callable[[str], list[str]],
+                 about: str) -> None:
+        self.prefix = prefix
+        self.resolve = resolve
+        self.names = names
+        self.about = about
+
+
 class Registry(Generic[T]):
-    """Names mapped to objects of one kind, with the file each came from.
+    """Names mapped to objects of one kind, with the file each came from, and families of
+    names resolved on demand (``prefix:name``).
 
     Registering a name twice from different places is an error naming both files; looking up
     an unknown name is an error listing the known names.
@@ -49,13 +67,26 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._origins: dict[str, str] = {}
+        self._families: dict[str, Family[T]] = {}
+
+    def register_family(self, family: Family[T]) -> Family[T]:
+        """Add ``family``: its names ``<prefix>:<name>`` resolve through it."""
+        if not family.prefix.isidentifier():
+            raise PluginError(f"invalid {self.kind} family prefix {family.prefix!r}: a prefix "
+                              "is a word of letters, digits and '_'")
+        self._families[family.prefix] = family
+        return family
+
+    def families(self) -> list[Family[T]]:
+        """The registered families, by prefix."""
+        return [self._families[p] for p in sorted(self._families)]
 
     def register(self, name: str, obj: T, origin: str | None = None) -> T:
         """Register ``obj`` under ``name``; ``origin`` (a file) defaults to where obj is defined."""
-        if not name or "+" in name or any(ch.isspace() for ch in name):
+        if not name or any(ch in "+:" or ch.isspace() for ch in name):
             raise PluginError(
                 f"invalid {self.kind} name {name!r} (from {origin or origin_of(obj)}): "
-                "names are non-empty and contain no '+' or whitespace"
+                "names are non-empty and contain no '+', ':' or whitespace"
             )
         origin = origin or origin_of(obj)
         if name in self._entries:
@@ -84,17 +115,22 @@ class Registry(Generic[T]):
         return wrap
 
     def get(self, name: str) -> T:
-        """The object registered as ``name``; an unknown name lists the known ones."""
-        try:
+        """The object registered as ``name``, or resolved by the family its prefix names; an
+        unknown name lists the known ones."""
+        if name in self._entries:
             return self._entries[name]
-        except KeyError:
-            raise UnknownNameError(self.unknown_message(name)) from None
+        prefix, colon, rest = name.partition(":")
+        if colon and prefix in self._families:
+            return self._families[prefix].resolve(rest)
+        raise UnknownNameError(self.unknown_message(name))
 
     def unknown_message(self, name: str) -> str:
         """The one-line message for an unknown ``name``."""
         hint = difflib.get_close_matches(name, self.names(), n=1)
         did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-        return f"unknown {self.kind} '{name}'{did_you_mean}; known: {', '.join(self.names())}"
+        families = "".join(f"; or {f.prefix}:<name> ({f.about})" for f in self.families())
+        return (f"unknown {self.kind} '{name}'{did_you_mean}; known: {', '.join(self.names())}"
+                f"{families}")
 
     def origin(self, name: str) -> str:
         """The file that registered ``name``."""
@@ -107,7 +143,7 @@ class Registry(Generic[T]):
         self._origins.pop(name, None)
 
     def names(self) -> list[str]:
-        """The registered names, sorted."""
+        """The registered names, sorted (a family's names are not among them)."""
         return sorted(self._entries)
 
     def items(self) -> Iterator[tuple[str, T]]:

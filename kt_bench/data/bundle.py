@@ -106,6 +106,11 @@ class DataBundle:
         """Channels of one image."""
         return int(self.probe(1).shape[1])
 
+    @property
+    def image_size(self) -> int:
+        """The side (pixels) of the square images the networks see."""
+        return int(self.probe(1).shape[-1])
+
 
 @dataclass
 class TensorData(DataBundle):
@@ -118,12 +123,26 @@ class TensorData(DataBundle):
     augment: Augment | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    #: The side the networks see, when it differs from the stored images': every batch is
+    #: resized (bilinear) on the device after augmentation; None: the stored side.
+    resize_to: int | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def in_channels(self) -> int:
         """Channels of one image."""
         return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        """The side (pixels) of the images the networks see."""
+        return self.resize_to or int(self.train.images.shape[-1])
+
+    def _sized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize_to is None or x.shape[-1] == self.resize_to:
+            return x
+        return torch.nn.functional.interpolate(x, size=(self.resize_to, self.resize_to),
+                                               mode="bilinear", align_corners=False)
 
     def _on(self, device: torch.device) -> dict:
         key = str(device)
@@ -157,7 +176,7 @@ class TensorData(DataBundle):
             if self.augment is not None:
                 x = self.augment(x, gen)
             mine = idx[rank::world]
-            batch = (self._normalise(x[rank::world], on), on["train"].labels[mine])
+            batch = (self._sized(self._normalise(x[rank::world], on)), on["train"].labels[mine])
             yield (*batch, mine) if indices else batch
 
     def train_labels(self) -> torch.Tensor:
@@ -170,7 +189,7 @@ class TensorData(DataBundle):
         idx = torch.arange(self.n_test, device=device)[rank::world]
         for start in range(0, len(idx), batch_size):
             b = idx[start:start + batch_size]
-            yield self._normalise(on["test"].images[b], on), on["test"].labels[b]
+            yield self._sized(self._normalise(on["test"].images[b], on)), on["test"].labels[b]
 
     def probe(self, n: int = 2) -> torch.Tensor:
         """The first ``n`` training images, normalised, on the CPU."""
@@ -179,7 +198,7 @@ class TensorData(DataBundle):
             mean = torch.tensor(self.mean).view(1, -1, 1, 1)
             std = torch.tensor(self.std).view(1, -1, 1, 1)
             x = (x.float() / 255 - mean) / std
-        return x
+        return self._sized(x)
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -259,6 +278,9 @@ class DatasetInfo:
     in_channels: int
     image_size: int
     n_train: int
+    #: The side of the images held in memory where the networks see them resized; None:
+    #: ``image_size``.
+    held_size: int | None = None
 
 
 #: The option the harness gives every loader itself.

@@ -136,7 +136,7 @@ def _load(cls, name: str, root, download: bool, train: bool):
 
 
 def _bundle(loader: str, name: str, num_classes: int, root, download, per_class,
-            augment) -> TensorData:
+            augment, image_size: int) -> TensorData:
     import torchvision  # here, not at import: it costs a second that other datasets never pay
 
     cls = getattr(torchvision.datasets, loader)
@@ -149,37 +149,45 @@ def _bundle(loader: str, name: str, num_classes: int, root, download, per_class,
         splits.append(Split(images[keep], labels[keep]))
     mean, std = channel_stats(splits[0].images)
     aug = functools.partial(random_crop_flip, pad=4, flip=True) if augment else None
-    return TensorData(name, splits[0], splits[1], num_classes, aug, mean, std)
+    if image_size < 1:
+        raise KtBenchError(f"{name}: image_size = {image_size} is invalid; accepted: an "
+                           "integer >= 1 (32 keeps the images as they are)")
+    return TensorData(name, splits[0], splits[1], num_classes, aug, mean, std,
+                      resize_to=None if image_size == 32 else image_size)
 
 
-def _info10(per_class: int | None = None) -> DatasetInfo:
-    return DatasetInfo(10, 3, 32, 10 * min(per_class or 5000, 5000))
+def _info10(per_class: int | None = None, image_size: int = 32) -> DatasetInfo:
+    return DatasetInfo(10, 3, image_size, 10 * min(per_class or 5000, 5000),
+                       None if image_size == 32 else 32)
 
 
-def _info100(per_class: int | None = None) -> DatasetInfo:
-    return DatasetInfo(100, 3, 32, 100 * min(per_class or 500, 500))
+def _info100(per_class: int | None = None, image_size: int = 32) -> DatasetInfo:
+    return DatasetInfo(100, 3, image_size, 100 * min(per_class or 500, 500),
+                       None if image_size == 32 else 32)
 
 
 @register_dataset("cifar10", info=_info10)
 def cifar10(data_root: str | None = None, download: bool = True, per_class: int | None = None,
-            augment: bool = True) -> TensorData:
+            augment: bool = True, image_size: int = 32) -> TensorData:
     """CIFAR-10: 50,000 training and 10,000 test 32x32 images, 10 classes.
 
     Training augmentation: random 32x32 crop of the 4-pixel zero-padded image and random
     horizontal flip (the standard CIFAR augmentation, done batched on the device); images are
     normalised per channel with the training split's mean and std. ``per_class`` keeps the
-    first N training images of each class (the test split stays whole).
+    first N training images of each class (the test split stays whole). ``image_size`` other
+    than 32 resizes every batch (bilinear, on the device, after augmentation), as OFA-KD feeds
+    CIFAR to 224-pixel networks; the images stay held at 32x32.
     """
     return _bundle("CIFAR10", "CIFAR-10", 10, data_root, download, per_class,
-                   augment)
+                   augment, image_size)
 
 
 @register_dataset("cifar100", info=_info100)
 def cifar100(data_root: str | None = None, download: bool = True, per_class: int | None = None,
-             augment: bool = True) -> TensorData:
+             augment: bool = True, image_size: int = 32) -> TensorData:
     """CIFAR-100: 50,000 training and 10,000 test 32x32 images, 100 classes (fine labels).
 
-    Augmentation, normalisation and ``per_class`` as for ``cifar10``.
+    Augmentation, normalisation, ``per_class`` and ``image_size`` as for ``cifar10``.
     """
     return _bundle("CIFAR100", "CIFAR-100", 100, data_root, download,
-                   per_class, augment)
+                   per_class, augment, image_size)

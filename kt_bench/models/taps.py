@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -19,13 +19,16 @@ class TapRecorder:
     ``tap_map`` maps canonical names (``stage1``, ``pool``, ...) to module names as given by
     ``model.named_modules()``. A module name ending in ``:input`` records the module's input
     instead of its output (e.g. a pre-activation map feeding a ReLU). ``logits`` is always the
-    model's return value and needs no entry.
+    model's return value and needs no entry. A model's ``tap_transforms`` (tap name ->
+    function) turn a raw output into the tap's value, e.g. a transformer's tokens into an
+    image-like (B, C, H, W) map.
     """
 
     def __init__(self, model: nn.Module, tap_map: Mapping[str, str], wanted: Iterable[str]):
         self.wanted = tuple(dict.fromkeys(w for w in wanted if w != LOGITS))
         self._outputs: dict[str, torch.Tensor] = {}
         self._handles = []
+        self._transforms: Mapping[str, Callable] = getattr(model, "tap_transforms", {})
         modules = dict(model.named_modules())
         for tap in self.wanted:
             if tap not in tap_map:
@@ -40,8 +43,11 @@ class TapRecorder:
             self._handles.append(modules[target].register_forward_hook(self._hook(tap, which)))
 
     def _hook(self, tap: str, which: str):
+        transform = self._transforms.get(tap)
+
         def hook(module, inputs, output):
-            self._outputs[tap] = inputs[0] if which == "input" else output
+            value = inputs[0] if which == "input" else output
+            self._outputs[tap] = transform(value) if transform else value
 
         return hook
 

@@ -16,6 +16,10 @@ from kt_bench.core.registry import Registry, origin_of
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 _FIXED = ("num_classes", "in_channels")
+#: Given by the harness to the builders that take it: the side of the dataset's images.
+_IMAGE_SIZE = "image_size"
+#: The options the harness gives a model builder itself; a grid may not set them.
+HARNESS_OPTIONS = (*_FIXED, _IMAGE_SIZE)
 
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
@@ -46,12 +50,16 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
     return wrap
 
 
-def build_model(spec: Spec | str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """Build the zoo model ``spec``; unknown names, unknown options and options of the wrong
-    type are one-line errors."""
+def build_model(spec: Spec | str, num_classes: int, in_channels: int = 3,
+                image_size: int | None = None) -> nn.Module:
+    """Build the zoo model ``spec`` for images of ``in_channels`` channels (and, to a builder
+    that takes ``image_size``, of side ``image_size``); unknown names, unknown options and
+    options of the wrong type are one-line errors."""
     spec = Spec.parse(spec, "model")
     builder = MODELS.get(spec.name)
-    options = resolve_options(builder, spec.options, f"model '{spec.name}'", _FIXED)
+    options = resolve_options(builder, spec.options, f"model '{spec.name}'", HARNESS_OPTIONS)
+    if image_size is not None and _IMAGE_SIZE in inspect.signature(builder).parameters:
+        options[_IMAGE_SIZE] = image_size
     model = builder(num_classes=num_classes, in_channels=in_channels, **options)
     if not isinstance(getattr(model, "tap_map", None), Mapping):
         raise KtBenchError(f"model '{spec.name}' was built without a tap_map")

@@ -197,13 +197,14 @@ class Grid:
         """Every dataset's and model's options resolved against its builder's signature."""
         from kt_bench.data import DATASETS
         from kt_bench.models import MODELS
+        from kt_bench.models.zoo import HARNESS_OPTIONS
 
         for i, d in enumerate(self.datasets):
             _check_spec(DATASETS.get(d.name), d, "dataset", f"datasets[{i}]", ("data_root",))
         for i, pair in enumerate(self.pairs):
             for role, model in (("teacher", pair.teacher), ("student", pair.student)):
                 _check_spec(MODELS.get(model.name), model, "model", f"pairs[{i}].{role}",
-                            ("num_classes", "in_channels"))
+                            HARNESS_OPTIONS)
 
     def _batch_sizes(self) -> list[tuple[str, int]]:
         """Every training batch size of the grid with its key: the students' recipes and,
@@ -267,7 +268,10 @@ def _check_image_size(dataset: Spec, info: Any, where: str, batch_sizes: list[tu
     size = info.image_size
     if size < 1:
         raise ConfigError(f"{where}.image_size = {size} is invalid; accepted: an integer >= 1")
-    if holds_in_memory(dataset.name):
+    if holds_in_memory(dataset.name) and info.held_size is not None:
+        # held small, resized a batch at a time: the largest batch is what the size costs
+        held, what = max([eval_batch_size, *(b for _, b in batch_sizes)]), "images of a batch"
+    elif holds_in_memory(dataset.name):
         held, what = info.n_train, "training images"
     else:
         held, what = max([eval_batch_size, *(b for _, b in batch_sizes)]), "images of a batch"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kt_bench.api.method import build_method
-from kt_bench.core.options import Spec
+from kt_bench.core.options import Spec, without_downloads
 from kt_bench.data import dataset_info
 from kt_bench.models import build_model
 from kt_bench.sweep.cells import Cell, config_hash
@@ -44,9 +44,8 @@ def forward_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
 
 @functools.cache
 def _model_macs(spec_json: str, name: str, num_classes: int, channels: int, size: int) -> int:
-    options = json.loads(spec_json)
-    options.pop("weights", None)  # counting needs no download
-    model = build_model(Spec(name, options), num_classes, channels)
+    spec = without_downloads(Spec(name, json.loads(spec_json)))  # counting needs no download
+    model = build_model(spec, num_classes, channels, size)
     return forward_macs(model, (channels, size, size))
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kt_bench.core.errors import KtBenchError, first_line
-from kt_bench.core.options import Spec
+from kt_bench.core.options import Spec, without_downloads
 from kt_bench.models.taps import LOGITS
 from kt_bench.sweep.cells import Cell, config_hash
 
@@ -55,14 +55,13 @@ class _Networks:
         from kt_bench.models import build_model
 
         info = dataset_info(dataset)
-        options = dict(spec.options)
-        options.pop("weights", None)  # probing shapes needs no download
-        key = json.dumps([spec.name, options, info.num_classes, info.in_channels],
-                         sort_keys=True)
+        bare = without_downloads(spec)  # probing shapes needs no download
+        key = json.dumps([bare.name, bare.options, info.num_classes, info.in_channels,
+                          info.image_size], sort_keys=True)
         if key not in self._models:
             try:
-                self._models[key] = build_model(Spec(spec.name, options), info.num_classes,
-                                                info.in_channels)
+                self._models[key] = build_model(bare, info.num_classes, info.in_channels,
+                                                info.image_size)
             except Exception as exc:  # noqa: BLE001 - a plugin model may raise anything
                 self._models[key] = _BuildFailed(f"model {spec.label} for {dataset.label} "
                                                  f"cannot be built: {first_line(exc)}")

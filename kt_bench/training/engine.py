@@ -184,7 +184,7 @@ def build_trainee(data: DataBundle, student_spec: Spec, method: Method, seed: in
     method's own parameters by a seed derived from it), the method prepared on ``data`` and
     ``teacher``, in the memory layout it trains in on ``device``, compiled if asked."""
     set_seed(seed)
-    student = build_model(student_spec, data.num_classes, data.in_channels)
+    student = build_model(student_spec, data.num_classes, data.in_channels, data.image_size)
     if method.needs_teacher:
         set_seed(derived_seed(seed, 2))  # the method's own parameters
         prepare_on_probe(method, student, teacher, data.train_labels(), data.num_classes,
