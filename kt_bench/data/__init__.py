@@ -1,8 +1,8 @@
 """Datasets: each builds a DataBundle of in-memory, normalised tensors.
 
-Every module of this package but the infrastructure (``bundle``, ``augment``) and private
-``_`` ones is imported here, so a new built-in dataset is one file that registers itself with
-``@register_dataset``; no list names it.
+Every module of this package but the infrastructure (``bundle``, ``augment``,
+``image_cache``) and private ``_`` ones is imported here, so a new built-in dataset is one
+file that registers itself with ``@register_dataset``; no list names it.
 """
 
 from kt_bench.core.registry import import_modules
@@ -20,7 +20,7 @@ from kt_bench.data.bundle import (
 )
 
 #: Modules of this package that register no dataset.
-INFRASTRUCTURE = ("augment", "bundle")
+INFRASTRUCTURE = ("augment", "bundle", "image_cache")
 
 import_modules(__name__, __path__, INFRASTRUCTURE)
 
