@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("kt_bench.commands.bench", "training images/s: plain loop vs engine vs cohort"),
     "status": ("kt_bench.commands.status", "done, running and failed cells of a run folder"),
     "report": ("kt_bench.commands.report", "write tables and plots of a run folder"),
+    "teachers": ("kt_bench.commands.teachers",
+                 "fetch and verify the published CIFAR-100 teachers (for --teachers-dir)"),
 }
 
 

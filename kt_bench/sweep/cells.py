@@ -15,6 +15,7 @@ from kt_bench.core import atomic
 from kt_bench.core.errors import KtBenchError
 from kt_bench.core.options import Spec
 from kt_bench.sweep.config import Grid, Recipe, merge_options
+from kt_bench.sweep.teacher_fetch import record_mismatch
 
 
 def config_hash(config: Any, length: int = 12) -> str:
@@ -96,7 +97,9 @@ class Cell:
 
     @property
     def teacher_is_pretrained(self) -> bool:
-        """Whether the teacher is loaded (a checkpoint or torchvision weights), not trained."""
+        """Whether the teacher is loaded (a checkpoint or torchvision weights), not trained.
+        (timm's ``pretrained`` and ``checkpoint`` are starting weights: such a teacher is
+        trained on the dataset from them.)"""
         return bool(self.teacher_checkpoint) or bool(self.teacher.options.get("weights"))
 
     def teacher_config(self) -> dict[str, Any]:
@@ -222,11 +225,16 @@ def published_teacher(folder: str, teacher: str) -> str:
 
 def check_published_teachers(cells: list[Cell], folder: str) -> None:
     """A one-line error for the first of ``cells`` whose published teacher is missing from
-    ``folder`` (only the teachers of the cells that will run need to be there)."""
+    ``folder`` (only the teachers of the cells that will run need to be there), or differs
+    from the SHA-256 that ``kt-bench teachers fetch`` recorded beside it."""
     for cell in cells:
         if cell.teacher_checkpoint and not Path(cell.teacher_checkpoint).is_file():
             raise KtBenchError(f"--teachers-dir {folder}: no published teacher for "
                                f"'{cell.teacher.name}' at {cell.teacher_checkpoint}")
+        altered = (record_mismatch(cell.teacher_checkpoint, cell.teacher_sha256)
+                   if cell.teacher_checkpoint else None)
+        if altered:
+            raise KtBenchError(f"--teachers-dir {folder}: {altered}")
 
 
 def _first_of_each(cells: list[Cell]) -> list[Cell]:

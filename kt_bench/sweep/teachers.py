@@ -30,7 +30,8 @@ from kt_bench.training.reference_checkpoints import fit_state
 
 def teacher_path(cache_dir: Path, cell: Cell) -> Path:
     """Where the teacher of ``cell`` is cached."""
-    return cache_dir / f"{cell.teacher.name}-{config_hash(cell.teacher_config())}.pt"
+    name = cell.teacher.name.replace(":", "_")  # timm:resnet18: no ':' in file names
+    return cache_dir / f"{name}-{config_hash(cell.teacher_config())}.pt"
 
 
 def _teacher_file(checkpoint: str, sha256: str | None) -> bytes:
@@ -114,7 +115,7 @@ def _load_cached(cell: Cell, data: DataBundle, accelerator: Accelerator,
     :class:`~kt_bench.core.errors.UnreadableFileError`, and stays as it is."""
     if not path.exists():
         return None
-    model = build_model(cell.teacher, data.num_classes, data.in_channels)
+    model = build_model(cell.teacher, data.num_classes, data.in_channels, data.image_size)
 
     def apply(state: dict) -> None:
         model.load_state_dict(state["model"])
@@ -132,7 +133,7 @@ def _get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
     cached = _load_cached(cell, data, accelerator, path)
     if cached is not None:
         return cached
-    model = build_model(cell.teacher, data.num_classes, data.in_channels)
+    model = build_model(cell.teacher, data.num_classes, data.in_channels, data.image_size)
     if cell.teacher_is_pretrained:
         if cell.teacher_checkpoint:
             load_state(model, cell.teacher_checkpoint, cell.teacher_sha256)
