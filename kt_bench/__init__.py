@@ -1,8 +1,9 @@
 """kt-bench: a benchmark harness for knowledge-transfer methods for image classifiers.
 
-The method API (``Method``, ``register_method``, ...) is importable from here; it is loaded
-on first use, so that commands which need no network (``report``, ``status``) start without
-importing torch.
+The method API (``Method``, ``register_method``, ...) and the Python API of notebooks and
+scripts (``run``, ``report``, and ``Grid``, ``Pair``, ``Spec``, ``Recipe`` to build grids)
+are importable from here; each is loaded on first use, so that commands which need no
+network (``report``, ``status``) start without importing torch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ _EXPORTS = {
     "Method": "kt_bench.api.method",
     "build_method": "kt_bench.api.method",
     "register_method": "kt_bench.api.method",
+    "run": "kt_bench.workflow.notebook",
+    "report": "kt_bench.workflow.notebook",
+    "Grid": "kt_bench.sweep.config",
+    "Pair": "kt_bench.sweep.config",
+    "Spec": "kt_bench.core.options",
+    "Recipe": "kt_bench.training.recipe",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,6 +23,7 @@ LAYERS = {
     "reporting": 5,
     "bench": 5,  # apart: beside reporting, importing neither
     "commands": 6,
+    "workflow": 6,  # the run and the Python API that the commands share, beside them
 }
 
 
