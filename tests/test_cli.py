@@ -17,8 +17,8 @@ from .conftest import run_cli, write_tiny_grid
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BUILTIN_METHODS = ["ab", "at", "cc", "crd", "dist", "dkd", "fitnet", "fsp", "ft", "kd", "kd_ls",
-                   "nst_gauss", "nst_linear", "nst_poly", "ofd", "pkt", "reviewkd", "rkd", "sp",
-                   "student", "vid"]
+                   "nst_gauss", "nst_linear", "nst_poly", "ofa", "ofd", "pkt", "reviewkd", "rkd",
+                   "sp", "student", "vid"]
 
 
 def test_run_writes_tidy_rows_prints_the_table_and_reuses_the_teacher(tmp_path, capsys):
@@ -84,7 +84,8 @@ def test_unknown_model_or_dataset_in_a_grid_lists_the_known_ones(tmp_path, capsy
     grid.write_text(grid.read_text().replace('name = "synthetic"', 'name = "mnist"'))
     code, _, err = run_cli(capsys, "run", "--grid", str(grid))
     assert code == 2
-    assert "unknown dataset 'mnist'; known: cifar10, cifar100, digits, imagenet, synthetic" in err
+    assert ("unknown dataset 'mnist'; known: cifar10, cifar100, digits, hf, imagefolder, "
+            "imagenet, synthetic") in err
     grid = write_tiny_grid(tmp_path)
     grid.write_text(grid.read_text().replace('teacher = { name = "resnet8"',
                                              'teacher = { name = "resnet7"'))
