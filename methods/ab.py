@@ -25,6 +25,7 @@ from kt_bench.api.method import (
     Batch,
     Method,
     Needs,
+    NotApplicable,
     Shapes,
     Taps,
     init_stage,
@@ -63,10 +64,16 @@ def build_connector(s_shape: torch.Size, t_shape: torch.Size) -> nn.Module:
     """R's ``Connector`` entry for one stage: the identity where the student's (B, C, H, W)
     map has the teacher's channels and height; else R's ``ConvReg`` without its ReLU (a conv
     with bias sized to map the student's map to the teacher's, then BatchNorm), with children
-    ``conv`` and ``bn`` as R names them."""
+    ``conv`` and ``bn`` as R names them. Sizes ConvReg cannot map (a student map smaller than
+    the teacher's but not half of it, as a ViT's 14x14 against a CNN's 56x56) make AB not
+    applicable to the pair: :class:`~kt_bench.api.method.NotApplicable`."""
     if s_shape[1] == t_shape[1] and s_shape[2] == t_shape[2]:
         return nn.Identity()
-    reg = build_regressor("convreg", s_shape, t_shape)
+    try:
+        reg = build_regressor("convreg", s_shape, t_shape)
+    except ValueError as exc:  # R's ConvReg maps equal, half and double sizes only
+        raise NotApplicable(f"ab: its connector (RepDistiller's ConvReg) {exc}".split("; use")[0]
+                            ) from None
     return nn.Sequential(OrderedDict(conv=reg.conv, bn=reg.bn))
 
 

@@ -40,3 +40,14 @@ def test_each_cell_shows_its_published_figure(grid, figures):
     texts = set(shown["published top1"])
     assert "n/a" in texts or grid.endswith("hetero")
     assert any(t.endswith("(best epoch)") for t in texts)
+
+
+def test_hetero_cifar100_reference_rows_name_its_cells_and_hold_no_guessed_figure():
+    cells = expand(load_grid("hetero-cifar100"))
+    keys = {(c.dataset.label, c.teacher.label, c.student.label, c.method) for c in cells}
+    reference = load_reference()
+    ref = reference[reference["grid"] == "hetero-cifar100"]
+    assert len(ref) == 10 * 9  # 10 pairs x the 9 rows of OFA-KD's CIFAR-100 comparison
+    assert all((r.dataset, r.teacher, r.student, r.method) in keys for r in ref.itertuples())
+    assert ref[["top1", "top1_best", "teacher_top1"]].isna().all().all()
+    assert ref["note"].str.startswith("not transcribed").all()

@@ -176,3 +176,17 @@ def test_checkpoint_that_does_not_fit_or_runs_code_is_refused(tmp_path):
         build_model({"name": "timm:resnet18", "checkpoint": str(path)}, 5)
     with pytest.raises(KtBenchError, match="no such file"):
         build_model({"name": "timm:resnet18", "checkpoint": str(tmp_path / "none.pth")}, 5)
+
+
+def test_list_models_names_the_family_and_lists_its_names_by_pattern(capsys):
+    from kt_bench.commands.listing import _models
+    from tests.conftest import run_cli
+
+    rows, _ = _models()
+    family = [r for r in rows if r[0] == "timm:<name>"]
+    assert family and family[0][1] == f"{len(timm.list_models())} models"
+    assert "kt-bench list models 'timm:PATTERN'" in family[0][3]
+    code, out, _ = run_cli(capsys, "list", "models", "timm:vit_tiny_patch16_2*")
+    assert code == 0 and "timm:vit_tiny_patch16_224" in out.split()
+    code, _, err = run_cli(capsys, "list", "models", "timm:no_such_net*")
+    assert code == 2 and "no timm model matches 'no_such_net*'" in err
