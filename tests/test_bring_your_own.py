@@ -93,3 +93,28 @@ def test_hetero_digits_dry_run_builds_every_cell(tmp_path, capsys):
                              "--out", str(tmp_path / "out"))
     assert code == 0, err
     assert "42 cells" in out
+
+
+def test_imagenet_style_cache_builds_transformers_at_the_trained_size(tmp_path, capsys):
+    # the cache holds the larger resize square the crops are cut from: the ViT must still be
+    # built for image_size (a ViT built for the stored side refuses every batch)
+    root = write_folder(tmp_path / "pics", 6)
+    grid = tmp_path / "in.toml"
+    CACHED = 'augment = "imagenet", cache = "memory"'  # noqa: N806
+    grid.write_text(textwrap.dedent(f"""
+        name = "in"
+        datasets = [{{ name = "imagefolder", root = "{root}", image_size = 16, {CACHED} }}]
+        methods = ["student"]
+        [[pairs]]
+        teacher = "resnet8"
+        student = {VIT}
+        [recipe]
+        epochs = 1
+        batch_size = 8
+        [teacher_recipe]
+        epochs = 1
+    """))
+    code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(tmp_path / "out"),
+                           "--no-report", "--device", "cpu", "--data-root", str(tmp_path / "d"))
+    assert code == 0, err
+    assert sorted_rows(tmp_path / "out")["status"].tolist() == ["ok"]

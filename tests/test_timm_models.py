@@ -190,3 +190,51 @@ def test_list_models_names_the_family_and_lists_its_names_by_pattern(capsys):
     assert code == 0 and "timm:vit_tiny_patch16_224" in out.split()
     code, _, err = run_cli(capsys, "list", "models", "timm:no_such_net*")
     assert code == 2 and "no timm model matches 'no_such_net*'" in err
+
+
+def test_token_outputs_of_other_families_become_maps_too():
+    # LeViT's stages output tokens with no class token; its 14x14, 7x7 and 4x4 grids
+    model = build_model("timm:levit_128s", 5, 3, 224)
+    got = taps_of(model, 224)
+    assert [got[f"stage{k}"] for k in (1, 2, 3)] == [(2, 128, 14, 14), (2, 256, 7, 7),
+                                                     (2, 384, 4, 4)]
+
+
+def test_dataset_options_cannot_be_set_in_the_spec():
+    with pytest.raises(ConfigError, match="option 'in_chans' comes from the dataset"):
+        build_model({"name": "timm:resnet18", "in_chans": 3}, 5)
+
+
+def test_a_vit_checkpoint_of_another_size_is_converted_by_timms_filter(tmp_path):
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=1000, depth=2)
+    path = tmp_path / "vit.pth"
+    torch.save(source.state_dict(), path)
+    # 64-pixel images: a 4x4 patch grid instead of 14x14; the position embeddings resampled
+    model = build_model({"name": "timm:vit_tiny_patch16_224", "depth": 2,
+                         "checkpoint": str(path)}, 5, 3, 64)
+    assert model.pos_embed.shape == (1, 1 + 16, 192)
+    assert torch.equal(model.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
+
+
+def test_a_cut_short_checkpoint_is_one_line(tmp_path):
+    path = tmp_path / "cut.pth"
+    torch.save(timm.create_model("resnet18", num_classes=5).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(KtBenchError, match=r"checkpoint .*cut.pth cannot be read \(") as exc:
+        build_model({"name": "timm:resnet18", "checkpoint": str(path)}, 5)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_checkpoint_enters_the_cell_id_by_content(tmp_path):
+    from kt_bench.core.options import Spec
+    from kt_bench.sweep.cells import model_identity
+
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    a.write_bytes(b"weights one")
+    b.write_bytes(b"weights one")
+    same = [model_identity(Spec("timm:resnet18", {"checkpoint": str(p)})) for p in (a, b)]
+    assert same[0] == same[1]  # the same file by another path
+    b.write_bytes(b"weights two")
+    assert model_identity(Spec("timm:resnet18", {"checkpoint": str(b)})) != same[0]
+    pretrained = model_identity(Spec("timm:resnet18", {"pretrained": True}))
+    assert pretrained["timm_version"] == timm.__version__

@@ -6,8 +6,11 @@ split's rows) and a :class:`Recipe` says how they are sized and augmented. :func
 either decodes both splits once into memory-mapped uint8 ``.npy`` files under
 ``<data_root>/cache/`` and returns a :class:`TensorData` augmented in batches on the device, or
 streams them through DataLoader workers with torchvision's transforms (a :class:`LoaderData`).
-Both forms size and normalise the test images alike, and draw their training crops from the
-same stored square, so results do not depend on whether the data fitted in memory.
+Both forms size and normalise the test images alike and draw their training crops from the
+same stored square; they are not bit for bit the same (the device crops resize bilinearly
+without antialiasing, torchvision's transforms with it, and the two draw from different
+random streams), so a result depends slightly on which form ran (``cache`` chooses it;
+``auto`` by the memory budget).
 """
 
 from __future__ import annotations
@@ -200,6 +203,12 @@ class CachedImages(TensorData):
     stored training images may be larger than the images trained on (``imagenet``: the
     ``resize`` square before the random resized crop), so shapes are probed on the test
     split, stored at ``image_size``."""
+
+    @property
+    def image_size(self) -> int:
+        """The side the networks see: the test images' (the stored training images may be the
+        larger ``resize`` square the random crops are cut from)."""
+        return int(self.test.images.shape[-1])
 
     def probe(self, n: int = 2) -> torch.Tensor:
         """The first ``n`` test images, normalised, on the CPU (at the side trained on)."""

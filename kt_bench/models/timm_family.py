@@ -30,6 +30,7 @@ import difflib
 import functools
 import math
 import pickle
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,10 @@ def _create(model_name: str, num_classes: int, in_channels: int, image_size: int
     """``timm.create_model`` for the dataset's classes, channels and, where the architecture
     takes it and the spec does not set it, image size."""
     timm = _timm()
+    given = [k for k in ("num_classes", "in_chans") if k in options]
+    if given:
+        raise ConfigError(f"timm model '{model_name}': option '{given[0]}' comes from the "
+                          "dataset; leave it out")
     kwargs = {"num_classes": num_classes, "in_chans": in_channels, **options}
     sized = image_size is not None and "img_size" not in options
     what = f"timm model '{model_name}'"
@@ -134,15 +139,18 @@ def _create(model_name: str, num_classes: int, in_channels: int, image_size: int
 def _read_state(path: Path) -> Mapping[str, torch.Tensor]:
     """The tensors a checkpoint file holds, read as plain data (safetensors, or a torch file
     loaded with ``weights_only``), unwrapped from a ``model``/``state_dict`` entry."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise KtBenchError(f"{path} cannot be read as plain data: {refusal_reason(exc)}"
                            ) from None
+    except Exception as exc:  # noqa: BLE001 - cut short, not a checkpoint: torch's or safetensors'
+        raise KtBenchError(f"checkpoint {path} cannot be read ({first_line(exc)}); accepted: "
+                           "a state dict saved by torch.save or as safetensors") from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
@@ -166,6 +174,15 @@ def load_weights(model: nn.Module, checkpoint: str) -> None:
     if not path.is_file():
         raise KtBenchError(f"checkpoint {path}: no such file")
     state = dict(_read_state(path))
+    # timm's own conversion for the family (e.g. a ViT's position embeddings resampled to the
+    # dataset's patch grid, old key names renamed), as its pretrained loading applies it
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if callable(convert):
+        try:
+            state = dict(convert(state, model))
+        except Exception as exc:  # noqa: BLE001 - timm's converter on a foreign file
+            raise KtBenchError(f"checkpoint {path} cannot be converted for timm's "
+                               f"{type(model).__name__}: {first_line(exc)}") from None
     own = model.state_dict()
     config = getattr(model, "pretrained_cfg", {}) or {}
     heads = _names(config, "classifier")
@@ -299,15 +316,23 @@ def _is_token_model(model: nn.Module) -> bool:
              and len({d["reduction"] for d in model.feature_info}) == 1))
 
 
+def as_map(x: Any, prefix_tokens: int = 0, channels_last: bool = False) -> torch.Tensor:
+    """A timm block's raw output as the image-like map methods read: the first tensor of a
+    tuple (PiT's blocks return the map and the class tokens), tokens (B, N, C) on their grid
+    without the ``prefix_tokens``, a channels-last map permuted to (B, C, H, W)."""
+    if isinstance(x, (tuple, list)):
+        x = x[0]
+    if x.ndim == 3:
+        return tokens_to_map(x, prefix_tokens)
+    return channels_last_to_first(x) if channels_last else x
+
+
 def _transforms(model: nn.Module, taps: Mapping[str, str]) -> dict[str, Callable]:
-    """The function each tap's raw output passes through to become (B, C, H, W) or (B, C)."""
-    if _is_token_model(model):
-        prefix = int(getattr(model, "num_prefix_tokens", 0))
-        to_map = functools.partial(tokens_to_map, prefix_tokens=prefix)
-    elif getattr(model, "output_fmt", "NCHW") == "NHWC":
-        to_map = channels_last_to_first
-    else:
-        return {}
+    """The function each tap's raw output passes through to become (B, C, H, W): every timm
+    family's blocks may return tokens or a tuple (LeViT, EfficientFormer, PiT), not only
+    ViTs'."""
+    to_map = functools.partial(as_map, prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
+                               channels_last=getattr(model, "output_fmt", "NCHW") == "NHWC")
     return {tap: to_map for tap in taps if tap != "pool"}
 
 

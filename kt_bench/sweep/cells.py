@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import stat
@@ -58,6 +59,25 @@ def file_sha256(path: str | os.PathLike) -> str | None:
     return _digests[key]
 
 
+def model_identity(spec: Spec) -> dict[str, Any]:
+    """What determines model ``spec``'s weights, for cell ids and teacher cache keys: its
+    options, a ``checkpoint`` file by content (SHA-256; the path where it is missing: the same
+    file by another path is the same model, a changed file another) and, for timm's
+    ``pretrained`` weights, the timm version that fetches them."""
+    identity = spec.to_dict()
+    checkpoint = identity.get("checkpoint")
+    if isinstance(checkpoint, str):
+        digest = file_sha256(os.path.expanduser(checkpoint))
+        if digest:
+            identity["checkpoint"] = f"sha256:{digest}"
+    if identity.get("pretrained") and spec.name.startswith("timm:"):
+        try:
+            identity["timm_version"] = importlib.metadata.version("timm")
+        except importlib.metadata.PackageNotFoundError:
+            pass  # building the model says timm is missing
+    return identity
+
+
 @dataclass(frozen=True)
 class Cell:
     """One training run of a grid, identified by the hash of its resolved config."""
@@ -107,7 +127,7 @@ class Cell:
         content (SHA-256; the path where it is missing) or its seed, recipe and precision. The
         same file by another path is the same teacher; a changed file is another."""
         config: dict[str, Any] = {"dataset": self.dataset.to_dict(),
-                                  "model": self.teacher.to_dict()}
+                                  "model": model_identity(self.teacher)}
         if self.teacher_sha256:
             config["checkpoint_sha256"] = self.teacher_sha256
         elif self.teacher_checkpoint:
@@ -119,7 +139,7 @@ class Cell:
 
     def _identifying_config(self) -> dict[str, Any]:
         """:meth:`config` without what does not identify the cell (the checkpoint's path)."""
-        return {"dataset": self.dataset.to_dict(), "student": self.student.to_dict(),
+        return {"dataset": self.dataset.to_dict(), "student": model_identity(self.student),
                 "method": self.method, "method_config": self.method_config, "seed": self.seed,
                 "recipe": self.recipe.to_dict(), "precision": self.precision,
                 "teacher": self.teacher_config()}
