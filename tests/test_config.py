@@ -57,6 +57,7 @@ def test_malformed_grid_is_a_one_line_error_naming_file_and_key(tmp_path, old, n
 def test_unknown_grid_lists_the_builtin_ones():
     with pytest.raises(ConfigError, match=r"unknown grid 'demoo' \(did you mean 'demo'\?\); "
                                           r"known: crd-cifar100, crd-cifar100-hetero, demo, "
+                                          r"hetero-cifar100, hetero-digits, "
                                           r"imagenet-r34-r18, imagenet-r34-r18-b256, "
                                           r"imagenet-r34-r18-b512, paper, paper-cifar, "
                                           r"paper-imagenet, paper-mini; or a path to a \.toml"):

@@ -376,7 +376,7 @@ def _check_loadable(path: Path, url: str, not_placed: str) -> None:
     holds a state dict of tensors, alone or under ``model``, ``state_dict`` or ``net``."""
     import torch
 
-    from kt_bench.training.checkpoints import UnsafeFileError, load_plain
+    from kt_bench.training.checkpoints import UnsafeFileError, load_plain, state_dict_in
 
     try:
         state = load_plain(path)
@@ -385,10 +385,7 @@ def _check_loadable(path: Path, url: str, not_placed: str) -> None:
     except Exception as exc:  # noqa: BLE001 - a broken file is one line
         raise FetchError(f"{url} is no loadable checkpoint ({first_line(exc)}); "
                          f"{not_placed}") from None
-    for key in ("model", "state_dict", "net"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
+    state = state_dict_in(state)
     if (not isinstance(state, dict) or not state
             or not all(torch.is_tensor(v) for v in state.values())):
         raise FetchError(f"{url} loads but holds no state dict of tensors; {not_placed}")

@@ -22,6 +22,7 @@ from kt_bench.training.checkpoints import (
     load_plain,
     log_beside,
     remove_checkpoint,
+    state_dict_in,
 )
 from kt_bench.training.engine import evaluate, train
 from kt_bench.training.hooks import standard_hooks
@@ -69,10 +70,7 @@ def load_state(model: nn.Module, checkpoint: str, sha256: str | None = None) -> 
     except Exception as exc:  # noqa: BLE001 - a broken file is one line
         raise KtBenchError(f"teacher checkpoint {checkpoint} cannot be read: "
                            f"{first_line(exc)}") from None
-    for key in ("model", "state_dict", "net"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
+    state = state_dict_in(state)
     if not isinstance(state, dict):
         raise KtBenchError(f"teacher checkpoint {checkpoint} holds a {type(state).__name__}, "
                            "not a state dict")

@@ -51,6 +51,20 @@ def load_plain(file: str | os.PathLike | IO[bytes]) -> Any:
         raise UnsafeFileError(refusal_reason(exc)) from None
 
 
+#: The keys under which published checkpoints keep their state dict (RepDistiller's ``model``,
+#: others' ``state_dict`` or ``net``).
+STATE_DICT_KEYS = ("model", "state_dict", "net")
+
+
+def state_dict_in(checkpoint: Any) -> Any:
+    """The state dict a loaded checkpoint holds: the dict under the first of
+    :data:`STATE_DICT_KEYS` it has, else the checkpoint itself."""
+    for key in STATE_DICT_KEYS:
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically; the file it replaces becomes the previous copy.
     At every instant at least one of the two is complete."""
