@@ -103,3 +103,21 @@ def test_imports_are_read_in_every_form(tmp_path, line, expected):
     path = tmp_path / "m.py"
     path.write_text(line + "\n")
     assert [m for _, m in imported(path)] == expected
+
+
+def test_every_subpackage_is_installed_by_a_plain_pip_install():
+    # pyproject lists the packages one by one (methods/ and results/reference/ are mapped
+    # into the package): a subpackage missing there works in an editable install and the
+    # tests, and is absent from `pip install .` (README's first command)
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {"kt_bench." + ".".join(p.parent.relative_to(ROOT / "kt_bench").parts)
+             for p in (ROOT / "kt_bench").rglob("__init__.py")}
+    found = {name.rstrip(".") for name in found}
+    assert found - listed == set()
