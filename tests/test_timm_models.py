@@ -146,10 +146,14 @@ def test_unknown_timm_name_is_one_line_with_close_names():
         build_model("resnet181", 3)
 
 
-def test_missing_timm_names_the_extra(monkeypatch):
+def test_missing_timm_names_the_extra(monkeypatch, capsys):
+    from tests.conftest import run_cli
+
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(KtBenchError, match=r"pip install 'kt-bench\[timm\]'"):
         build_model("timm:resnet18", 3)
+    code, _, err = run_cli(capsys, "list", "models", "timm:vit_*")
+    assert code == 2 and "no timm models are available here" in err and "[timm]" in err
 
 
 def test_local_checkpoint_loads_with_a_new_head_and_adapted_first_conv(tmp_path):

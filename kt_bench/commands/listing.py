@@ -90,6 +90,8 @@ def _family_names(pattern: str) -> Table:
     if not colon or prefix not in families:
         raise KtBenchError(f"pattern '{pattern}' names no family of models; accepted: "
                            f"{', '.join(f'{p}:PATTERN' for p in families) or '(none)'}")
+    if not families[prefix].names("*"):
+        raise KtBenchError(f"no {prefix} models are available here: {families[prefix].about}")
     names = families[prefix].names(rest or "*")
     if not names:
         raise KtBenchError(f"no {prefix} model matches '{rest}' ({families[prefix].about})")
