@@ -16,8 +16,6 @@ random streams), so a result depends slightly on which form ran (``cache`` choos
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import traceback
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from kt_bench.core import atomic
+from kt_bench.core.digests import json_hash
 from kt_bench.core.errors import ConfigError, KtBenchError, first_line
 from kt_bench.core.locks import FileLock
 from kt_bench.data.augment import random_crop_flip, random_resized_crop
@@ -283,8 +282,7 @@ def use_cache(cache: str, n_train: int, n_test: int, recipe: Recipe,
 
 def digest(obj: Any) -> str:
     """A short stable hash of the JSON-able ``obj``."""
-    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return json_hash(obj, 16)
 
 
 def file_identity(paths: list[str], root: Path) -> list[list[Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kt_bench.core import atomic
+from kt_bench.core.digests import json_hash, sha256_of_file
 from kt_bench.core.errors import KtBenchError
 from kt_bench.core.options import Spec
 from kt_bench.sweep.config import Grid, Recipe, merge_options
@@ -21,22 +21,12 @@ from kt_bench.sweep.teacher_fetch import record_mismatch
 
 def config_hash(config: Any, length: int = 12) -> str:
     """A stable short hash of a JSON-able config."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+    return json_hash(config, length)
 
 
 #: SHA-256 of the files already hashed by this process, by absolute path and what a change
 #: of content changes (size, modification and change time, inode: a file replaced by another).
 _digests: dict[tuple[str, int, int, int, int], str] = {}
-
-
-def _digest(path: str) -> str:
-    """The SHA-256 (hex) of the file ``path``, read in chunks (a teacher may be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike) -> str | None:
@@ -51,7 +41,7 @@ def file_sha256(path: str | os.PathLike) -> str | None:
             return None
         key = (absolute, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         if key not in _digests:
-            _digests[key] = _digest(absolute)
+            _digests[key] = sha256_of_file(absolute)
     except PermissionError:
         raise atomic.unreadable(absolute) from None
     except OSError:

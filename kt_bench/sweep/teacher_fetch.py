@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from kt_bench.core import atomic
+from kt_bench.core.digests import CHUNK, sha256_of_file
 from kt_bench.core.errors import ConfigError, KtBenchError, UnwritableFileError, first_line
 
 #: The manifest shipped with the package.
@@ -52,7 +53,6 @@ URL_SCHEMES = ("http", "https", "file")
 #: Seconds a connection may stay silent before the download is given up.
 TIMEOUT_S = 60
 
-_CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIELDS = ("model", "r_name", "url", "path", "size", "sha256")
 
@@ -204,19 +204,6 @@ def record_mismatch(file: str | os.PathLike, sha256: str | None) -> str | None:
             "the file as it is")
 
 
-def _digest(path: Path) -> tuple[str, int]:
-    """(SHA-256, size) of the file ``path``."""
-    digest, size = hashlib.sha256(), 0
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-    except PermissionError:
-        raise atomic.unreadable(path) from None
-    return digest.hexdigest(), size
-
-
 # -- status of a teachers folder -------------------------------------------------------------
 
 def state_of(teacher: PublishedTeacher, folder: str | os.PathLike) -> str:
@@ -229,7 +216,7 @@ def state_of(teacher: PublishedTeacher, folder: str | os.PathLike) -> str:
     expected = teacher.sha256 or recorded
     if expected is None:
         return "present, unverified (no hash recorded)"
-    digest, size = _digest(file)
+    digest, size = sha256_of_file(file), file.stat().st_size
     against = "the manifest" if teacher.sha256 else "recorded hash"
     if digest != expected or (teacher.size is not None and size != teacher.size):
         return f"ALTERED (differs from the {against})"
@@ -261,7 +248,7 @@ def _fetch_one(teacher: PublishedTeacher, folder: Path, base_url: str | None, fo
                else f"the SHA-256 recorded in {record_path(file)}")
     if file.is_file() and not force:
         if expected is not None:
-            digest, size = _digest(file)
+            digest, size = sha256_of_file(file), file.stat().st_size
             if digest != expected or (teacher.size is not None and size != teacher.size):
                 raise FetchError(f"{file} differs from {against} ({digest[:12]}..., expected "
                                  f"{expected[:12]}...): it was altered after it was fetched; "
@@ -334,7 +321,7 @@ def _stream(url: str, out, file: Path, not_placed: str) -> tuple[str, int, int |
                   desc=file.parent.name, disable=not sys.stderr.isatty()) as bar:
             while True:
                 try:
-                    chunk = response.read(_CHUNK)
+                    chunk = response.read(CHUNK)
                 except (OSError, http.client.HTTPException) as exc:
                     raise FetchError(f"{url} was cut short after {size:,} bytes "
                                      f"({first_line(exc)}); {not_placed}") from None
