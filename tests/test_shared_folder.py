@@ -353,8 +353,8 @@ def test_a_teacher_file_is_hashed_once_and_a_missing_one_keeps_its_path(tmp_path
     grid = load_grid(str(write_tiny_grid(tmp_path, methods=("student", "kd"), seeds=(0, 1))))
     path = _teacher_file(tmp_path / "teacher.pt", 0)
     reads = []
-    real = cells._digest
-    monkeypatch.setattr(cells, "_digest", lambda file: reads.append(file) or real(file))
+    real = cells.sha256_of_file
+    monkeypatch.setattr(cells, "sha256_of_file", lambda file: reads.append(file) or real(file))
     assert len(expand(grid, teacher_checkpoint=str(path))) == 4
     expand(grid, teacher_checkpoint=str(path))
     assert reads == [str(path)]  # once in this process

@@ -125,10 +125,12 @@ def _discard(tmp: str) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _atomic_replace(path: Path, write: Callable[[Any], Any],
+def write_through(path: Path, write: Callable[[Any], Any],
                     failures: tuple[type[BaseException], ...] = (OSError,)) -> None:
-    """Write ``path`` through ``write`` (given a binary file) atomically; ``failures`` (and
-    any OSError) become one-line :class:`UnwritableFileError`s."""
+    """Write ``path`` through ``write`` (given a binary file to write to, e.g. chunk by
+    chunk) atomically: a temporary file in the same folder, synced, then renamed; ``failures``
+    (and any OSError) become one-line :class:`UnwritableFileError`s, and any error leaves
+    ``path`` as it was."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temporary(path)
@@ -153,7 +155,7 @@ def _atomic_replace(path: Path, write: Callable[[Any], Any],
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename).
     A failure is an :class:`UnwritableFileError` naming ``path`` and the reason."""
-    _atomic_replace(Path(path), lambda fh: fh.write(data))
+    write_through(Path(path), lambda fh: fh.write(data))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -210,4 +212,4 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
     RuntimeError) is an :class:`UnwritableFileError` naming ``path`` and the reason."""
     import torch  # here: the JSON and text writers serve commands that never load torch
 
-    _atomic_replace(Path(path), lambda fh: torch.save(obj, fh), failures=(RuntimeError,))
+    write_through(Path(path), lambda fh: torch.save(obj, fh), failures=(RuntimeError,))

@@ -326,7 +326,7 @@ def _write_split(path: Path, source: ImageSource, recipe: Recipe, train: bool,
             pool.shutdown(wait=True, cancel_futures=True)
 
     # the atomic writer's own (temporary file, fsync, rename), fed chunk by chunk
-    atomic._atomic_replace(path, write)
+    atomic.write_through(path, write)
 
 
 def _read_split(path: Path, n: int, side: int) -> torch.Tensor | None:
