@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from kt_bench.commands.main import main
+from kt_bench.core import atomic
 from kt_bench.core.interrupts import (
     PluginExit,
     Terminated,
@@ -24,6 +26,7 @@ from kt_bench.core.interrupts import (
     is_stop,
     sigterm_as_interrupt,
 )
+from kt_bench.training.checkpoints import load_plain
 
 from .conftest import SLOW_PLUGIN, rows_by_method, write_tiny_grid
 
@@ -164,6 +167,43 @@ def test_what_fails_a_cell_and_what_stops_the_run():
         assert is_stop(stop)
         with pytest.raises(type(stop)):
             cell_failure(stop, "method 'x'")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated])
+def test_an_interrupt_during_a_checkpoint_write_stops_the_run_and_keeps_the_old_file(
+        tmp_path, monkeypatch, stop):
+    """torch.save reports an exception raised in its file's write as a RuntimeError of its
+    own; a Ctrl-C that lands there is still a stop, never a checkpoint that cannot be
+    written (which would fail the cell)."""
+    path = tmp_path / "checkpoint.pt"
+    atomic.torch_save(path, {"epoch": 1})
+    real_fdopen = os.fdopen
+
+    class Interrupted:
+        def __init__(self, fh):
+            self.fh, self.writes = fh, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 2:
+                raise stop()
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Interrupted(real_fdopen(fd, mode)))
+    with pytest.raises(stop):
+        atomic.torch_save(path, {"epoch": 2, "weights": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert load_plain(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 def test_sigterm_is_an_interrupt_within_the_block_and_the_old_handler_returns_after():

@@ -65,24 +65,25 @@ def unreadable(path: str | os.PathLike) -> UnreadableFileError:
 
 
 class _Watched:
-    """A binary file that remembers the last OSError its writes raised (a writer such as
-    torch.save may report the failure as an exception of its own)."""
+    """A binary file that remembers the last exception its writes raised: a writer such as
+    torch.save reports it as an exception of its own (a RuntimeError), be it a full disk or
+    a Ctrl-C that arrived during the write."""
 
     def __init__(self, fh: BinaryIO) -> None:
         self._fh = fh
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
         try:
             return self._fh.write(data)
-        except OSError as exc:
+        except BaseException as exc:
             self.error = exc
             raise
 
     def flush(self) -> None:
         try:
             self._fh.flush()
-        except OSError as exc:
+        except BaseException as exc:
             self.error = exc
             raise
 
@@ -146,7 +147,10 @@ def write_through(path: Path, write: Callable[[Any], Any],
         os.replace(tmp, path)
     except (OSError, *failures) as exc:
         _discard(tmp)
-        raise _cannot_write(path, exc, watched.error if watched else None) from None
+        seen = watched.error if watched else None
+        if seen is not None and not isinstance(seen, Exception):
+            raise seen from None  # an interrupt the writer reported as its own failure
+        raise _cannot_write(path, exc, seen if isinstance(seen, OSError) else None) from None
     except BaseException:
         _discard(tmp)
         raise
