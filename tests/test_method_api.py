@@ -205,7 +205,7 @@ class _Recorder(TrainingHooks):
 
     def epoch_end(self, step, records) -> None:
         """Record the step and copies of the records."""
-        self.calls.append(("epoch_end", step, [dict(r) for r in records]))
+        self.calls.append(("epoch_end", step, {i: dict(r) for i, r in records.items()}))
 
     def end(self) -> None:
         """Record the call."""
@@ -231,7 +231,7 @@ def test_a_cohort_calls_its_hooks_once_per_step_epoch_and_run(data):
     ends = [c for c in recorder.calls if c[0] == "epoch_end"]
     for epoch, (_, step, records) in enumerate(ends):
         assert step == (epoch + 1) * steps
-        assert records == [r.history[epoch] for r in results]  # both students' records
+        assert records == {i: r.history[epoch] for i, r in enumerate(results)}  # both
 
 
 def test_a_lone_student_gives_its_step_values_to_a_hook_that_wants_them(data):

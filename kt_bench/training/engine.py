@@ -150,6 +150,8 @@ class _Member:
     images: int = 0
     epoch_s: list[float] = field(default_factory=list)
     error: BaseException | None = None
+    #: The member's position among the cohort's methods.
+    index: int = 0
 
     @property
     def start_epoch(self) -> int:
@@ -228,13 +230,14 @@ def _start_members(data: DataBundle, student_spec: Spec, methods: list[Method], 
                    compile: bool) -> list[_Member]:
     """Every method's member; one that cannot start is stopped alone with its error."""
     members = []
-    for m, c, cb in zip(methods, checkpoints, on_epoch, strict=True):
+    for i, (m, c, cb) in enumerate(zip(methods, checkpoints, on_epoch, strict=True)):
         try:
             members.append(_start_member(data, student_spec, m, recipe, seed, accelerator,
                                          teacher, c, cb, compile))
         except BaseException as exc:  # noqa: BLE001 - a student that cannot start stops alone
             members.append(_Member(m, None, None, None, c, cb, 0.0))
             members[-1].fail(exc)
+        members[-1].index = i
     return members
 
 
@@ -375,8 +378,8 @@ def _close_epochs(planned: list[_Planned], accelerator: Accelerator, data: DataB
                 _close_epoch(p, accelerator, data, recipe, epoch, n_steps, seconds)
             except BaseException as exc:  # noqa: BLE001
                 p.member.fail(exc)
-    hooks.epoch_end((epoch + 1) * steps, [p.member.history[-1] for p in planned
-                                          if p.member.error is None and p.member.history])
+    hooks.epoch_end((epoch + 1) * steps, {p.member.index: p.member.history[-1] for p in planned
+                                          if p.member.error is None and p.member.history})
 
 
 def train_cohort(

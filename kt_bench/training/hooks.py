@@ -31,9 +31,9 @@ class TrainingHooks:
     def step_values(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
         """The loss terms and loss of the only student's global ``step`` (1-based)."""
 
-    def epoch_end(self, step: int, records: Sequence[Mapping[str, Any]]) -> None:
+    def epoch_end(self, step: int, records: Mapping[int, Mapping[str, Any]]) -> None:
         """An epoch ended at global ``step``; ``records`` are the epoch's history records of
-        the students still training."""
+        the students still training, by each student's position among the run's methods."""
 
     def end(self) -> None:
         """Training stopped (finished, failed or interrupted)."""
@@ -67,7 +67,7 @@ class HookList(TrainingHooks):
             if h.wants_step_values:
                 h.step_values(step, values)
 
-    def epoch_end(self, step: int, records: Sequence[Mapping[str, Any]]) -> None:
+    def epoch_end(self, step: int, records: Mapping[int, Mapping[str, Any]]) -> None:
         """Each hook's :meth:`TrainingHooks.epoch_end`."""
         for h in self.hooks:
             h.epoch_end(step, records)
@@ -95,11 +95,11 @@ class ProgressBar(TrainingHooks):
         if self.bar is not None:
             self.bar.update(1)
 
-    def epoch_end(self, step: int, records: Sequence[Mapping[str, Any]]) -> None:
+    def epoch_end(self, step: int, records: Mapping[int, Mapping[str, Any]]) -> None:
         """Show a lone student's loss and top-1."""
         if self.bar is not None and len(records) == 1:
-            self.bar.set_postfix(loss=f"{records[0]['loss']:.3f}",
-                                 top1=f"{records[0]['top1']:.1f}")
+            (record,) = records.values()
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}")
 
     def end(self) -> None:
         """Close the bar."""
@@ -137,9 +137,9 @@ class TrackerLog(TrainingHooks):
         """Log the step's loss terms."""
         self.accelerator.log({f"train/{k}": v.item() for k, v in values.items()}, step=step)
 
-    def epoch_end(self, step: int, records: Sequence[Mapping[str, Any]]) -> None:
+    def epoch_end(self, step: int, records: Mapping[int, Mapping[str, Any]]) -> None:
         """Log each record's test accuracy."""
-        for record in records:
+        for record in records.values():
             self.accelerator.log({f"test/{k}": record[k] for k in ("top1", "top5")}, step=step)
 
 
