@@ -64,6 +64,25 @@ def test_pivot_marks_the_best_and_the_not_significant():
     assert r"\textbf{73.00 $\pm$ 0.95}" in tex and r"nst\_poly" in tex and r"$^\dagger$" in tex
 
 
+def test_latex_table_is_booktabs_with_escaped_names_and_the_correction_under_it():
+    rows = _rows({"student": [69.0, 70.0, 71.0], "kd": [70.0, 72.0, 74.0],
+                  "nst_poly": [72.0, 73.1, 73.9]})
+    rows["dataset"] = "c&d 50% #1"
+    tex = latex_pivot(summarise(rows))
+    lines = tex.splitlines()
+    assert lines[0] == r"\begin{tabular}{lr}" and lines[1] == r"\toprule"
+    assert lines[2] == r"Method & c\&d 50\% \#1: t $\to$ s \\" and lines[3] == r"\midrule"
+    assert lines[4].startswith("student & ") and lines[-4] == r"\bottomrule"
+    assert lines.count(r"\midrule") == 2  # under the heading, and above the teacher's line
+    assert lines[-5] == r"(teacher) & 80.00 \\"
+    assert r"\hline" not in tex and r"\textbf{73.00 $\pm$ 0.95}" in tex
+    assert "Holm" in lines[-1] and lines[-1].startswith(r"\par\smallskip{\footnotesize")
+    from kt_bench.reporting.report import latex_escape
+
+    assert latex_escape("a_b & {c} ~ ^ $ \\") == (r"a\_b \& \{c\} \textasciitilde{} \^{} \$ "
+                                                  r"\textbackslash{}")
+
+
 def test_report_command_writes_tables_plots_and_report_md(tmp_path, capsys):
     grid = write_tiny_grid(tmp_path, methods=("student", "kd"), seeds=(0, 1))
     out = tmp_path / "out"
@@ -72,18 +91,30 @@ def test_report_command_writes_tables_plots_and_report_md(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     folder = out / "report"
     for name in ("table.md", "table.tex", "summary.csv", "accuracy.png", "accuracy.pdf",
-                 "curves.png", "curves.pdf", "cost.png", "cost.pdf"):
+                 "curves.png", "curves.pdf", "losses.png", "losses.pdf"):
         assert (folder / name).stat().st_size > 0, name
+    assert not (folder / "cost.png").exists()  # the cells trained as a cohort: no own time
     from PIL import Image
 
     with Image.open(folder / "accuracy.png") as img:
         assert img.size[0] > 400 and img.size[1] > 300
     report = (out / "report.md").read_text()
     assert "![accuracy](report/accuracy.png)" in report
+    assert "![losses](report/losses.png)" in report
+    assert "No cost figure: every cell trained in a cohort" in report
     assert "[table.tex](report/table.tex)" in report
+    assert "corrected by Holm's step-down method" in report
+    assert r"\toprule" in (folder / "table.tex").read_text()
     summary = pd.read_csv(folder / "summary.csv")
     assert {"top1", "top1_std", "delta", "delta_lo", "delta_hi", "significant"} <= set(summary)
     assert summary.loc[summary.method == "kd", "seeds"].item() == 2
+    assert set(summary["correction"]) == {"holm"}
+    assert main(["report", str(out), "--correct", "none"]) == 0
+    assert "left uncorrected (`--correct none`)" in capsys.readouterr().out
+    assert set(pd.read_csv(folder / "summary.csv")["correction"]) == {"none"}
+    with pytest.raises(SystemExit):
+        main(["report", str(out), "--correct", "bonferroni"])
+    assert "invalid choice: 'bonferroni'" in capsys.readouterr().err
 
 
 def _precision_rows(values: dict[tuple[str, str], list[float]], epochs: int = 2) -> pd.DataFrame:

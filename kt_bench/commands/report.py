@@ -11,6 +11,7 @@ import pandas as pd
 from kt_bench.commands.common import check_writable
 from kt_bench.core.errors import KtBenchError
 from kt_bench.reporting import writer
+from kt_bench.reporting.corrections import CORRECTIONS
 from kt_bench.reporting.report import comparison_table
 from kt_bench.sweep.rows import forget_warnings, write_results_csv
 
@@ -26,6 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction, help: str) -> argparse.Ar
                         help="also the paired top-1 change of every method between settings "
                              "that differ only in FIELD, against FIELD=REFERENCE (e.g. "
                              "precision=no: bf16 against fp32)")
+    parser.add_argument("--correct", choices=CORRECTIONS, default=CORRECTIONS[0],
+                        help="how the changes against student in one table are corrected for "
+                             "being many: holm (family-wise error, the default), bh "
+                             "(Benjamini-Hochberg false discovery rate) or none")
     return parser
 
 
@@ -40,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out / "report", "report folder")
     rows = write_results_csv(out)  # rebuilt from the cells' rows, never left stale
     versus = versus_arg(args.versus, rows) if args.versus else None
-    print(comparison_table(rows))
-    print(f"\nreport: {writer.write_report(out, rows)}")
+    print(comparison_table(rows, correct=args.correct))
+    print(f"\nreport: {writer.write_report(out, rows, args.correct)}")
     if versus:
         factor, reference = versus
         text, path = writer.write_versus(out, rows, factor, reference)

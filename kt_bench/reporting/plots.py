@@ -1,36 +1,23 @@
-"""Plots of a grid's results (matplotlib, PNG and PDF): accuracy per method, training curves,
-accuracy against cost, and sensitivity to swept parameters."""
+"""Plots of a grid's summary (matplotlib, PNG and PDF): accuracy per method, accuracy
+against each student's own training time, and sensitivity to swept parameters. Every method
+keeps its style (:func:`~kt_bench.reporting.style.method_style`); legends sit beside the
+panels."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from kt_bench.core.errors import first_line  # noqa: E402
-from kt_bench.reporting.report import BASELINE, param_columns  # noqa: E402
-from kt_bench.sweep.rows import warn_once  # noqa: E402
+from kt_bench.reporting.report import BASELINE, param_columns, problem_label, row_label
+from kt_bench.reporting.style import legend_beside, method_style, plt, save_figure, wrapped
 
 
-def _save(fig, folder: Path, name: str) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
-    return paths
-
-
-def _groups(summary: pd.DataFrame):
-    col = summary["dataset"] + ": " + summary["teacher"] + " → " + summary["student"]
-    return list(summary.assign(_g=col).groupby("_g", sort=False))
+def _groups(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The summary's lines by dataset and pair, in table order."""
+    return list(summary.assign(_g=problem_label(summary)).groupby("_g", sort=False))
 
 
 def _grid(n: int, ncols: int, size=(6.0, 3.6)):
@@ -42,126 +29,117 @@ def _grid(n: int, ncols: int, size=(6.0, 3.6)):
     return fig, axes.flat
 
 
+def _labels(g: pd.DataFrame) -> list[str]:
+    params = param_columns(g)
+    return [row_label(r, params) for _, r in g.iterrows()]
+
+
+def _method_handle(method: str, line: bool = False) -> Line2D:
+    style = method_style(method)
+    return Line2D([], [], color=style.colour, marker=style.marker,
+                  linestyle=style.line if line else "none")
+
+
+def _y_range(g: pd.DataFrame) -> tuple[float, float]:
+    """The span of what an accuracy panel plots (means ± std, published figures)."""
+    std = g["top1_std"].fillna(0)
+    values = pd.concat([g["top1"] - std, g["top1"] + std,
+                        g["published_top1"].astype(float)]).dropna()
+    if values.empty:
+        return 0.0, 100.0
+    low, high = float(values.min()), float(values.max())
+    pad = max((high - low) * 0.08, 0.5)
+    return low - pad, high + pad
+
+
 def accuracy_plot(summary: pd.DataFrame, folder: Path) -> list[Path]:
-    """Top-1 per method (mean with std error bars over seeds), one panel per dataset/pair;
-    the teacher as a dashed line, the baseline as a dotted one, published figures as x."""
-    params = param_columns(summary)
+    """Top-1 per method (mean with std error bars over seeds, in each method's colour), one
+    panel per dataset/pair; the baseline as a dotted line, published figures as x. The y axis
+    spans the methods' results: the teacher is a dashed line where it falls in that span and
+    is named in the panel's title otherwise."""
     groups = _groups(summary)
     fig, axes = _grid(len(groups), min(2, len(groups)))
+    drawn: set[str] = set()
     for ax, (name, g) in zip(axes, groups, strict=False):
-        labels = [m + "".join(f"\n{p}={r[p]}" for p in params if not pd.isna(r[p]))
-                  for m, (_, r) in zip(g["method"], g.iterrows(), strict=True)]
-        x = range(len(g))
-        ax.errorbar(x, g["top1"], yerr=g["top1_std"].fillna(0), fmt="o", capsize=4,
-                    color="tab:blue", label="measured (mean ± std over seeds)")
+        x = list(range(len(g)))
+        for xi, (_, line) in zip(x, g.iterrows(), strict=True):
+            style = method_style(line["method"])
+            ax.errorbar([xi], [line["top1"]], yerr=[0 if pd.isna(line["top1_std"])
+                                                    else line["top1_std"]],
+                        fmt=style.marker, color=style.colour, capsize=4, markersize=6,
+                        zorder=3)  # over the teacher's and the baseline's lines
         published = g["published_top1"].astype(float)
         if published.notna().any():
-            ax.plot(x, published, "x", color="black", markersize=8, label="published")
-        teacher = g["teacher_top1"].mean()
-        if not math.isnan(teacher):
-            ax.axhline(teacher, ls="--", color="tab:red", label=f"teacher ({teacher:.2f})")
+            ax.plot(x, published, "x", color="black", markersize=8)
+            drawn.add("published")
+        low, high = _y_range(g)
         base = g.loc[g["method"] == BASELINE, "top1"]
         if not base.empty:
-            ax.axhline(base.iloc[0], ls=":", color="gray", label="student baseline")
-        ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
+            ax.axhline(base.iloc[0], ls=":", color="gray")
+            drawn.add("student baseline")
+        title = wrapped(name)
+        teacher = g["teacher_top1"].mean()
+        if not math.isnan(teacher):
+            if low <= teacher <= high + (high - low) * 0.25:
+                ax.axhline(teacher, ls="--", color="tab:red")
+                drawn.add("teacher")
+                high = max(high, teacher + 0.5)
+            else:
+                title += f"\n(teacher {teacher:.2f}%, outside this axis)"
+        ax.set_ylim(low, high)
+        ax.set_xticks(x, _labels(g), rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("test top-1 accuracy (%)")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+    keys = [
+        (Line2D([], [], color="gray", marker="o", linestyle="none"),
+         "mean ± std over seeds (method's colour)"),
+        (Line2D([], [], color="black", marker="x", linestyle="none"), "published"),
+        (Line2D([], [], color="tab:red", linestyle="--"), "teacher"),
+        (Line2D([], [], color="gray", linestyle=":"), "student baseline"),
+    ]
+    keys = [keys[0], *(k for k in keys[1:] if k[1] in drawn)]
+    legend_beside(fig, [h for h, _ in keys], [label for _, label in keys])
     fig.suptitle("Accuracy per method (last epoch)")
-    return _save(fig, folder, "accuracy")
-
-
-#: The figures of an epoch in ``metrics.jsonl`` that the curves plot.
-CURVE_FIELDS = ("epoch", "top1", "loss")
-
-
-def _epochs(path: Path) -> list[dict] | None:
-    """The epochs recorded in ``path`` (a cell's ``metrics.jsonl``), each with a number for
-    every one of :data:`CURVE_FIELDS`; None when the file cannot be read or holds anything
-    else (its curve is left out, with a warning)."""
-    try:
-        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()
-                 if x.strip()]
-    except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8
-        warn_once(f"{path} cannot be read ({first_line(exc)}); its curve is left out")
-        return None
-    for line in lines:
-        if not isinstance(line, dict) or not all(_is_number(line.get(k)) for k in CURVE_FIELDS):
-            warn_once(f"{path} is damaged (a line without a number for each of "
-                      f"{', '.join(CURVE_FIELDS)}); its curve is left out")
-            return None
-    return [{k: line[k] for k in CURVE_FIELDS} for line in lines]
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _history(out: Path, cell_ids) -> pd.DataFrame:
-    """The epochs of the cells ``cell_ids`` that have a readable ``metrics.jsonl``."""
-    frames = []
-    for cid in cell_ids:
-        path = out / "cells" / cid / "metrics.jsonl"
-        epochs = _epochs(path) if os.path.lexists(path) else None
-        if epochs:
-            frames.append(pd.DataFrame(epochs).assign(cell_id=cid))
-    if not frames:
-        return pd.DataFrame(columns=[*CURVE_FIELDS, "cell_id"])
-    return pd.concat(frames, ignore_index=True)
-
-
-def curves_plot(rows: pd.DataFrame, out: Path, folder: Path) -> list[Path]:
-    """Test top-1 and training loss per epoch, one line per method (mean over seeds), one
-    row of panels per dataset/pair."""
-    ok = rows[rows["status"] == "ok"].copy()
-    ok["_g"] = ok["dataset"] + ": " + ok["teacher"] + " → " + ok["student"]
-    params = param_columns(ok)
-    groups = list(ok.groupby("_g", sort=False))
-    fig, axes = plt.subplots(max(1, len(groups)), 2, figsize=(12, 3.6 * max(1, len(groups))),
-                             squeeze=False)
-    for (name, g), (ax_acc, ax_loss) in zip(groups, axes, strict=False):
-        hist = _history(out, g["cell_id"]).merge(
-            g[["cell_id", "method", *params]], on="cell_id")
-        label_cols = ["method", *params]
-        for key, h in hist.groupby(label_cols, sort=False, dropna=False):
-            key = key if isinstance(key, tuple) else (key,)
-            label = key[0] + "".join(f" {p}={v}" for p, v in zip(params, key[1:], strict=True)
-                                     if not pd.isna(v))
-            mean = h.groupby("epoch")[["top1", "loss"]].mean()
-            ax_acc.plot(mean.index, mean["top1"], marker=".", label=label)
-            ax_loss.plot(mean.index, mean["loss"], marker=".", label=label)
-        ax_acc.set(title=f"{name}: test top-1", xlabel="epoch", ylabel="accuracy (%)")
-        ax_loss.set(title=f"{name}: training loss (weighted total)", xlabel="epoch",
-                    ylabel="loss")
-        ax_loss.set_yscale("log")
-        for ax in (ax_acc, ax_loss):
-            ax.grid(alpha=0.3)
-            ax.title.set_fontsize(9)
-        ax_acc.legend(fontsize=7, ncol=2)
-    fig.suptitle("Training curves (mean over seeds)")
-    return _save(fig, folder, "curves")
+    fig.tight_layout()
+    return save_figure(fig, folder, "accuracy")
 
 
 def cost_plot(summary: pd.DataFrame, folder: Path) -> list[Path]:
-    """Top-1 against training wall time per cell, one marker per method and dataset/pair."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = "osD^v<>p*h"
-    for i, (name, g) in enumerate(_groups(summary)):
-        ax.scatter(g["wall_s"], g["top1"], marker=markers[i % len(markers)], label=name)
-        for _, r in g.iterrows():
-            ax.annotate(r["method"], (r["wall_s"], r["top1"]), fontsize=7,
+    """Top-1 against each student's own training time (``own_s``, mean over seeds), one
+    panel per dataset/pair; lines without an own time (cohort members whose share of the
+    cohort's time was not measured) are left out. No figure (an empty list) where no line
+    has one."""
+    if "own_s" not in summary:
+        return []
+    timed = summary[summary["own_s"].notna() & summary["top1"].notna()]
+    if timed.empty:
+        return []
+    groups = _groups(timed)
+    fig, axes = _grid(len(groups), min(2, len(groups)), size=(6.0, 4.2))
+    methods: dict[str, None] = {}
+    for ax, (name, g) in zip(axes, groups, strict=False):
+        for (_, line), label in zip(g.iterrows(), _labels(g), strict=True):
+            style = method_style(line["method"])
+            ax.scatter(line["own_s"], line["top1"], color=style.colour, marker=style.marker,
+                       s=40, zorder=3)
+            ax.annotate(label, (line["own_s"], line["top1"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 3))
-    ax.set(xlabel="training wall time per cell (s, mean over seeds)",
-           ylabel="test top-1 accuracy (%)", title="Accuracy against training cost")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, folder, "cost")
+            methods[line["method"]] = None
+        ax.margins(x=0.12, y=0.08)  # room for the names beside the points
+        ax.set(xlabel="training time of the student (s, mean over seeds)",
+               ylabel="test top-1 accuracy (%)")
+        ax.set_title(wrapped(name), fontsize=9)
+        ax.grid(alpha=0.3)
+    legend_beside(fig, [_method_handle(m) for m in methods], list(methods), title="method")
+    fig.suptitle("Accuracy against training cost")
+    fig.tight_layout()
+    return save_figure(fig, folder, "cost")
 
 
 def sensitivity_plots(summary: pd.DataFrame, folder: Path) -> list[Path]:
     """For each swept parameter with numbers for values: top-1 (mean ± std) against its
-    value, one line per method."""
+    value, one line per method in its style."""
     paths = []
     for param in param_columns(summary):
         swept = summary[summary[param].notna()]
@@ -169,22 +147,31 @@ def sensitivity_plots(summary: pd.DataFrame, folder: Path) -> list[Path]:
             continue  # names or lists: no axis to plot them on
         groups = _groups(swept)
         fig, axes = _grid(len(groups), min(2, len(groups)))
+        methods: dict[str, None] = {}
         for ax, (name, g) in zip(axes, groups, strict=False):
             for method, h in g.groupby("method", sort=False):
                 h = h.sort_values(param)
+                style = method_style(method)
                 ax.errorbar(h[param].astype(float), h["top1"], yerr=h["top1_std"].fillna(0),
-                            marker="o", capsize=4, label=method)
+                            marker=style.marker, color=style.colour, linestyle=style.line,
+                            capsize=4)
+                methods[method] = None
             base = summary[(summary["method"] == BASELINE)
-                           & (summary["dataset"] == g["dataset"].iloc[0])]
+                           & (problem_label(summary) == name)]
             if not base.empty:
-                ax.axhline(base["top1"].iloc[0], ls=":", color="gray", label="student baseline")
+                ax.axhline(base["top1"].iloc[0], ls=":", color="gray")
+            values = g[param].astype(float)
             ax.set(xlabel=param, ylabel="test top-1 accuracy (%)")
-            ax.set_title(name, fontsize=9)
-            if h[param].astype(float).min() > 0 and \
-                    h[param].astype(float).max() / h[param].astype(float).min() >= 10:
+            ax.set_title(wrapped(name), fontsize=9)
+            if values.min() > 0 and values.max() / values.min() >= 10:
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+        handles = [_method_handle(m, line=True) for m in methods]
+        labels = list(methods)
+        handles.append(Line2D([], [], color="gray", linestyle=":"))
+        labels.append("student baseline")
+        legend_beside(fig, handles, labels)
         fig.suptitle(f"Sensitivity to {param}")
-        paths += _save(fig, folder, f"sensitivity_{param.replace('.', '_')}")
+        fig.tight_layout()
+        paths += save_figure(fig, folder, f"sensitivity_{param.replace('.', '_')}")
     return paths

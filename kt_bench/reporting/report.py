@@ -2,7 +2,9 @@
 
 Tables are views of the tidy rows, never state of their own. The change against the
 ``student`` baseline is paired by seed (same seed: same student initialisation and data
-order), with a 95% t-interval over the seeds both cells have.
+order), with a t-interval over the seeds both cells have and a paired t-test's p-value. The
+comparisons of one table are one family: their marks and intervals are corrected together
+(:mod:`kt_bench.reporting.corrections`; Holm by default).
 """
 
 from __future__ import annotations
@@ -15,10 +17,22 @@ import pandas as pd
 from tabulate import tabulate
 
 from kt_bench.core.precision import PRECISION_NAMES
+from kt_bench.reporting.corrections import (
+    CORRECTIONS,
+    adjusted_p,
+    check_correction,
+    interval_alphas,
+)
 
 BASELINE = "student"
 KEYS = ["dataset", "teacher", "student", "method"]
 CONFIDENCE = 0.95
+#: The correction a table applies unless told otherwise.
+DEFAULT_CORRECTION = CORRECTIONS[0]
+#: Diagnostics a row may carry (the mean over seeds is shown where present): agreement with
+#: the teacher's top-1 (%), KL divergence from the teacher (nats), calibration error (%).
+DIAGNOSTIC_COLUMNS = {"agreement": ("agreement %", ".1f"), "kl_teacher": ("KL teacher", ".3f"),
+                      "ece": ("ECE %", ".2f")}
 
 
 def load_reference() -> pd.DataFrame:
@@ -49,26 +63,100 @@ def in_method_order(table: pd.DataFrame, then: list[str]) -> pd.DataFrame:
 
 
 def paired_delta(method_rows: pd.DataFrame, base_rows: pd.DataFrame) -> dict:
-    """Mean top-1 difference method − baseline over shared seeds, with its 95% t-interval.
+    """Mean top-1 difference method − baseline over shared seeds, with its 95% t-interval,
+    its standard error ``se`` and the two-sided p-value ``p`` of the paired t-test.
 
-    ``significant`` is None with fewer than two shared seeds (no interval)."""
+    ``significant`` is None with fewer than two shared seeds (no interval, no p-value)."""
     a = method_rows.groupby("seed")["top1"].mean()
     b = base_rows.groupby("seed")["top1"].mean()
     d = (a - b).dropna()
     n = len(d)
     if n == 0:
         return {"delta": math.nan, "delta_lo": math.nan, "delta_hi": math.nan, "pairs": 0,
-                "significant": None}
+                "significant": None, "se": math.nan, "p": math.nan}
     mean = float(d.mean())
     if n < 2:
         return {"delta": mean, "delta_lo": math.nan, "delta_hi": math.nan, "pairs": 1,
-                "significant": None}
+                "significant": None, "se": math.nan, "p": math.nan}
+    se = float(d.std(ddof=1) / math.sqrt(n))
+    lo, hi = t_interval(mean, se, n, CONFIDENCE)
+    return {"delta": mean, "delta_lo": lo, "delta_hi": hi, "pairs": n,
+            "significant": not (lo <= 0 <= hi), "se": se, "p": paired_p(mean, se, n)}
+
+
+def t_interval(mean: float, se: float, n: int, level: float) -> tuple[float, float]:
+    """The two-sided t-interval at ``level`` around ``mean`` with standard error ``se`` over
+    ``n`` paired differences."""
     from scipy.special import stdtrit  # Student's t quantile; scipy.stats is 3x slower to import
 
-    half = float(stdtrit(n - 1, 0.5 + CONFIDENCE / 2) * d.std(ddof=1) / math.sqrt(n))
-    lo, hi = mean - half, mean + half
-    return {"delta": mean, "delta_lo": lo, "delta_hi": hi, "pairs": n,
-            "significant": not (lo <= 0 <= hi)}
+    half = float(stdtrit(n - 1, 0.5 + level / 2) * se)
+    return mean - half, mean + half
+
+
+def paired_p(mean: float, se: float, n: int) -> float:
+    """Two-sided p-value of the paired t-test of ``n`` differences with mean ``mean`` and
+    standard error ``se`` (0 where they are all equal and not zero, 1 where all are zero)."""
+    from scipy.special import stdtr  # Student's t distribution function
+
+    if se == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2 * stdtr(n - 1, -abs(mean / se)))
+
+
+def correct_deltas(table: pd.DataFrame, correction: str) -> pd.DataFrame:
+    """``table`` (with ``delta``, ``se``, ``pairs``, ``p``) with the changes against the
+    baseline corrected as one family: ``p_adj`` the adjusted p-value, ``ci_level`` the level
+    of the interval ``delta_lo``..``delta_hi`` (set by
+    :func:`~kt_bench.reporting.corrections.interval_alphas`), ``significant`` whether it
+    excludes zero, and ``correction`` naming the correction."""
+    check_correction(correction)
+    table = table.copy()
+    p = [float(x) for x in table["p"]]
+    alphas = interval_alphas(p, correction, 1 - CONFIDENCE)
+    table["p_adj"] = adjusted_p(p, correction)
+    table["ci_level"] = [CONFIDENCE if correction == "none" and not math.isnan(a) else 1 - a
+                         for a in alphas]
+    for i, level in zip(table.index, table["ci_level"], strict=True):
+        if math.isnan(level):
+            continue
+        lo, hi = t_interval(table.at[i, "delta"], table.at[i, "se"], int(table.at[i, "pairs"]),
+                            level)
+        table.at[i, "delta_lo"], table.at[i, "delta_hi"] = lo, hi
+        table.at[i, "significant"] = not (lo <= 0 <= hi)
+    table["correction"] = correction
+    return table
+
+
+def family_size(summary: pd.DataFrame) -> int:
+    """How many changes against the baseline ``summary`` corrects together (those with a
+    p-value)."""
+    return int(summary["p"].notna().sum()) if "p" in summary else 0
+
+
+def correction_note(summary: pd.DataFrame) -> str:
+    """One paragraph saying how the table's marks and intervals against ``student`` were
+    corrected, for under the table."""
+    m = family_size(summary)
+    correction = summary["correction"].iloc[0] if "correction" in summary and m else "none"
+    alpha = f"{1 - CONFIDENCE:.2f}"
+    if m == 0:
+        return (f"No change against `{BASELINE}` has two or more shared seeds: no intervals "
+                "and no significance marks.")
+    family = (f"The {m} changes against `{BASELINE}` in this table (every method and pair "
+              "with two or more shared seeds; paired t-tests over seeds) are one family")
+    if correction == "none":
+        return (f"{family}, left uncorrected (`--correct none`): each interval is the "
+                f"{CONFIDENCE:.0%} t-interval, and † marks one that spans zero (p > {alpha}).")
+    if correction == "holm":
+        return (f"{family}, corrected by Holm's step-down method for a family-wise error "
+                f"rate of {alpha}: † marks a change whose Holm-adjusted p is above {alpha}. "
+                "Each interval is the t-interval at the level Holm's procedure tested that "
+                "change at (α/(m−i+1) for the i-th smallest p), so it excludes zero exactly "
+                "when the change is significant; the intervals are not simultaneous.")
+    return (f"{family}, corrected by the Benjamini–Hochberg method for a false discovery "
+            f"rate of {alpha}: † marks a change whose BH-adjusted p is above {alpha}. The "
+            "intervals are false-coverage-rate adjusted (Benjamini & Yekutieli 2005): each "
+            "at level 1 − R·α/m, R of the m changes being significant.")
 
 
 def _published(reference: pd.DataFrame | None, key: tuple, column: str) -> float | None:
@@ -132,13 +220,17 @@ def _baseline_rows(ok: pd.DataFrame, key: tuple, group: pd.DataFrame) -> pd.Data
     return base
 
 
-def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None,
+              correct: str = DEFAULT_CORRECTION) -> pd.DataFrame:
     """One tidy line per configuration (dataset, teacher, student, method and everything
     else a cell runs with but its seed): distinct seeds, mean and std of top-1 (last epoch),
     mean top-1 (best epoch), mean top-5, the paired change against the ``student`` baseline
-    of the same setting with its interval, teacher top-1, cost, and the published figures.
+    of the same setting with its interval and p-value (corrected by ``correct`` over every
+    change of the table: :func:`correct_deltas`), teacher top-1, cost, the diagnostics the
+    rows carry (:data:`DIAGNOSTIC_COLUMNS`, mean over seeds), and the published figures.
     Rows of different configurations are never pooled; ``config`` names what differs where a
     method has several."""
+    check_correction(correct)
     needed = ["top1", "top1_best", "top5", "teacher_top1", "wall_s", "images_per_s", "status",
               "seed", "config_id", "setting_id"]
     rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, *needed])))
@@ -162,11 +254,16 @@ def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.D
             not_ok=", ".join(f"{s} ({n})" for s, n in
                              group.loc[group["status"] != "ok", "status"].value_counts().items()),
         )
+        if "own_s" in rows:  # each student's own training time, where known for every seed
+            line["own_s"] = pd.to_numeric(good["own_s"], errors="coerce").mean(skipna=False)
+        for column in DIAGNOSTIC_COLUMNS:
+            if column in rows:
+                line[column] = pd.to_numeric(good[column], errors="coerce").mean()
         if key[3] != BASELINE and not base.empty and not good.empty:
             line.update(paired_delta(good, base))
         else:
             line.update(delta=math.nan, delta_lo=math.nan, delta_hi=math.nan, pairs=0,
-                        significant=None)
+                        significant=None, se=math.nan, p=math.nan)
         line["published_top1"] = _published(reference, key[:4], "top1")
         line["published_top1_best"] = _published(reference, key[:4], "top1_best")
         line["published_teacher_top1"] = _published(reference, key[:4], "teacher_top1")
@@ -174,6 +271,7 @@ def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.D
     table = pd.DataFrame(out)
     if table.empty:
         return table
+    table = correct_deltas(table, correct)
     return in_method_order(table, [*params, "config"]).reset_index(drop=True)
 
 
@@ -224,10 +322,32 @@ def _published_column(summary: pd.DataFrame) -> pd.Series:
                      index=summary.index)
 
 
+def _p_text(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def interval_name(summary: pd.DataFrame) -> str:
+    """What the intervals of ``summary`` are, for a column heading (``95% CI``,
+    ``Holm CI``, ``BH-FCR CI``)."""
+    correction = summary["correction"].iloc[0] if "correction" in summary else "none"
+    return {"none": f"{CONFIDENCE:.0%} CI", "holm": "Holm CI", "bh": "BH-FCR CI"}[correction]
+
+
+def _p_heading(summary: pd.DataFrame) -> str:
+    correction = summary["correction"].iloc[0] if "correction" in summary else "none"
+    return {"none": "p", "holm": "p (Holm)", "bh": "p (BH)"}[correction]
+
+
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The console/Markdown long table: one line per summary line, formatted; empty columns
-    (no published numbers, no failures, no sweeps) left out."""
+    (no published numbers, no failures, no sweeps, no diagnostics) left out."""
     params = param_columns(summary)
+    diagnostics = {heading: summary[column].map(lambda v, f=fmt: _num(v, f))
+                   for column, (heading, fmt) in DIAGNOSTIC_COLUMNS.items()
+                   if column in summary and summary[column].notna().any()}
+    p_adj = summary["p_adj"] if "p_adj" in summary else pd.Series(math.nan, summary.index)
     out = pd.DataFrame({
         "dataset": summary["dataset"],
         "teacher → student": summary["teacher"] + " → " + summary["student"],
@@ -238,7 +358,9 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         "top1": summary.apply(_mean_std, axis=1),
         "top1 best-epoch": summary["top1_best"].map(_num),
         "top5": summary["top5"].map(_num),
-        "Δ top1 vs student (95% CI)": summary.apply(format_delta, axis=1),
+        f"Δ top1 vs student ({interval_name(summary)})": summary.apply(format_delta, axis=1),
+        _p_heading(summary): p_adj.map(_p_text),
+        **diagnostics,
         "teacher top1": summary["teacher_top1"].map(_num),
         "published top1": _published_column(summary),
         "published teacher top1": summary["published_teacher_top1"].map(_published_text),
@@ -252,16 +374,27 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def comparison_table(rows: pd.DataFrame, fmt: str = "github",
-                     reference: pd.DataFrame | None = None) -> str:
-    """The comparison table of ``rows`` as text (a tabulate format, Markdown by default)."""
-    summary = summarise(rows, load_reference() if reference is None else reference)
+                     reference: pd.DataFrame | None = None,
+                     correct: str = DEFAULT_CORRECTION) -> str:
+    """The comparison table of ``rows`` as text (a tabulate format, Markdown by default),
+    its changes against ``student`` corrected by ``correct``, with the note saying how."""
+    summary = summarise(rows, load_reference() if reference is None else reference, correct)
     if summary.empty:
         return "(no results)"
-    return tabulate(display_table(summary), headers="keys", tablefmt=fmt, showindex=False,
-                    disable_numparse=True)
+    table = tabulate(display_table(summary), headers="keys", tablefmt=fmt, showindex=False,
+                     disable_numparse=True)
+    return f"{table}\n\n{correction_note(summary)}"
 
 
-def _row_label(line: pd.Series, params: list[str]) -> str:
+def problem_label(summary: pd.DataFrame) -> pd.Series:
+    """Each line's dataset and pair, as tables head their columns
+    (``cifar100: resnet32x4 → resnet8x4``)."""
+    return summary["dataset"] + ": " + summary["teacher"] + " → " + summary["student"]
+
+
+def row_label(line: pd.Series, params: list[str]) -> str:
+    """A summary line's name in tables and figures: its method, with its swept values and
+    what sets its configuration apart in brackets (``kd [kd.T=4]``)."""
     swept = [f"{p}={line[p]}" for p in params if not pd.isna(line[p])]
     if line.get("config"):
         swept.append(line["config"])
@@ -274,8 +407,8 @@ def pivot(summary: pd.DataFrame, bold=lambda s: f"**{s}**", mark_ns: str = "†"
     published figure exists."""
     params = param_columns(summary)
     summary = summary.assign(
-        _col=summary["dataset"] + ": " + summary["teacher"] + " → " + summary["student"],
-        _row=summary.apply(lambda r: _row_label(r, params), axis=1))
+        _col=problem_label(summary),
+        _row=summary.apply(lambda r: row_label(r, params), axis=1))
     best = summary.groupby("_col")["top1"].transform("max")
     cells = {}
     for _, line in summary.iterrows():
@@ -300,11 +433,17 @@ def pivot(summary: pd.DataFrame, bold=lambda s: f"**{s}**", mark_ns: str = "†"
     return table
 
 
-def _latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"), ("%", r"\%"),
-                 ("#", r"\#"), ("±", r"$\pm$"), ("→", r"$\to$"), ("†", r"$^\dagger$")):
-        text = text.replace(a, b)
-    return text
+#: What each character a table may hold becomes in LaTeX.
+_LATEX = str.maketrans({"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$",
+                        "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "^": r"\^{}",
+                        "~": r"\textasciitilde{}", "±": r"$\pm$", "→": r"$\to$",
+                        "†": r"$^\dagger$", "Δ": r"$\Delta$", "α": r"$\alpha$",
+                        "−": "$-$", "–": "--", "·": r"$\cdot$", "`": ""})
+
+
+def latex_escape(text: str) -> str:
+    """``text`` with every character LaTeX treats specially written as itself."""
+    return str(text).translate(_LATEX)
 
 
 def markdown_pivot(summary: pd.DataFrame) -> str:
@@ -313,13 +452,33 @@ def markdown_pivot(summary: pd.DataFrame) -> str:
     return tabulate(table, headers="keys", tablefmt="github", disable_numparse=True)
 
 
+#: What the pivot's cells hold, said under it.
+PIVOT_CAPTION = ("Top-1 accuracy (%) at the last epoch, mean ± std over seeds; in brackets "
+                 "the change against `student`, paired by seed; the best mean of each column "
+                 "in bold.")
+
+
 def latex_pivot(summary: pd.DataFrame) -> str:
-    """The pivot as a LaTeX (booktabs) table."""
+    """The pivot as a LaTeX booktabs ``tabular`` (``\\toprule``, ``\\midrule``,
+    ``\\bottomrule``; needs ``\\usepackage{booktabs}``), names escaped, the best mean of
+    each column in bold, and under it what the cells hold and how the changes against
+    ``student`` were corrected."""
     table = pivot(summary, bold=lambda s: f"\x00{s}\x01")  # marked, escaped, then bolded
-    table = table.map(lambda s: _latex_escape(s).replace("\x00", "\\textbf{").replace("\x01", "}"))
-    table.index = [_latex_escape(i) for i in table.index]
-    table.columns = [_latex_escape(c) for c in table.columns]
-    return tabulate(table, headers="keys", tablefmt="latex_raw", disable_numparse=True)
+
+    def cell(text: str) -> str:
+        return latex_escape(text).replace("\x00", r"\textbf{").replace("\x01", "}")
+
+    head = " & ".join(["Method", *map(latex_escape, table.columns)]) + r" \\"
+    lines = [r"\begin{tabular}{l" + "r" * len(table.columns) + "}", r"\toprule", head,
+             r"\midrule"]
+    for label, values in table.iterrows():
+        if label == "(teacher)":
+            lines.append(r"\midrule")
+        lines.append(" & ".join([latex_escape(label), *map(cell, values)]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", "",
+              r"\par\smallskip{\footnotesize " + latex_escape(PIVOT_CAPTION) + " "
+              + latex_escape(correction_note(summary)) + r"\par}"]
+    return "\n".join(lines)
 
 
 def _without(value, factor: str):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from kt_bench.core.errors import KtBenchError
-from kt_bench.reporting.report import load_reference, summarise
+from kt_bench.reporting.corrections import CORRECTIONS, check_correction
 from kt_bench.sweep.rows import read_rows
 from kt_bench.workflow.settings import settings_from_keywords
 
@@ -54,12 +54,12 @@ def run(grid: GridSource, **settings: Any) -> pd.DataFrame:
     ``settings``: the flags of ``kt-bench run`` by their names in snake_case, with the same
     defaults (``--no-cohort`` is ``cohort=False``, ``--no-report`` ``report=False``,
     ``--no-wait`` ``wait=False``): ``out``, ``methods`` (a list or comma-separated text),
-    ``epochs``, ``seeds`` (a list, an integer or text), ``device``, ``precision``,
-    ``cohort``, ``compile``, ``teacher_cache``, ``data_root``, ``only`` (``"key=value"``, a
-    list of them or a dict), ``teacher_checkpoint``, ``teachers_dir``, ``dry_run``,
-    ``log_with``, ``report``, ``launcher``, ``wait``, the ``[launcher]`` keys
-    (``partition``, ``gpus_per_job``, ...) and ``plugins``; and ``quiet=True`` to print
-    nothing on stdout. None leaves a setting's default.
+    ``epochs``, ``teacher_epochs``, ``seeds`` (a list, an integer or text), ``device``,
+    ``precision``, ``cohort``, ``compile``, ``teacher_cache``, ``data_root``, ``only``
+    (``"key=value"``, a list of them or a dict), ``teacher_checkpoint``, ``teachers_dir``,
+    ``dry_run``, ``log_with``, ``report``, ``correct``, ``launcher``, ``wait``, the
+    ``[launcher]`` keys (``partition``, ``gpus_per_job``, ...) and ``plugins``; and
+    ``quiet=True`` to print nothing on stdout. None leaves a setting's default.
 
     With ``dry_run=True`` nothing trains: the cells are checked and returned, one line each
     with its estimated GPU-hours; problems raise a :class:`KtBenchError`.
@@ -90,13 +90,15 @@ def grid_rows(out: Path, cells: list[Cell]) -> pd.DataFrame:
 
 
 def report(folder: str | os.PathLike, *, versus: str | None = None,
-           quiet: bool = False) -> pd.DataFrame:
+           correct: str = CORRECTIONS[0], quiet: bool = False) -> pd.DataFrame:
     """Write the tables, plots and ``report.md`` of run folder ``folder`` as
-    ``kt-bench report`` does (``versus``: its ``--versus FIELD=REFERENCE``) and return the
-    comparison table: one line per configuration (dataset, teacher, student, method and
-    options) with its seeds, mean top-1 and its std, the paired change against ``student``
-    (``delta`` with its 95% interval ``delta_lo``..``delta_hi``), teacher top-1, cost and
-    the published figures, as ``report/summary.csv`` holds it."""
+    ``kt-bench report`` does (``versus``: its ``--versus FIELD=REFERENCE``; ``correct``: its
+    ``--correct``, ``"holm"``, ``"bh"`` or ``"none"``) and return the comparison table: one
+    line per configuration (dataset, teacher, student, method and options) with its seeds,
+    mean top-1 and its std, the paired change against ``student`` (``delta`` with its
+    interval ``delta_lo``..``delta_hi`` at level ``ci_level``, the paired t-test's ``p`` and
+    the corrected ``p_adj``), teacher top-1, cost and the published figures, as
+    ``report/summary.csv`` holds it."""
     who = "kt_bench.report"
     if not isinstance(folder, (str, os.PathLike)):
         raise KtBenchError(f"{who}: folder = {folder!r} is invalid; accepted: a path (str or "
@@ -104,11 +106,13 @@ def report(folder: str | os.PathLike, *, versus: str | None = None,
     if versus is not None and not isinstance(versus, str):
         raise KtBenchError(f"{who}: versus = {versus!r} is invalid; accepted: "
                            "'FIELD=REFERENCE', e.g. 'precision=no'")
+    check_correction(correct, f"{who}: correct =")
     from kt_bench.commands import report as command  # the command itself, not a copy of it
     from kt_bench.commands.main import build_parser
+    from kt_bench.reporting import writer  # here: it loads matplotlib
 
-    argv = ["report", *([f"--versus={versus}"] if versus is not None else []), "--",
-            os.fspath(folder)]
+    argv = ["report", *([f"--versus={versus}"] if versus is not None else []),
+            f"--correct={correct}", "--", os.fspath(folder)]
     with _quiet(_check_quiet(quiet, who)):
         command.run(build_parser(["report"]).parse_args(argv))
-    return summarise(read_rows(Path(folder)), load_reference())
+    return writer.report_summary(Path(folder), read_rows(Path(folder)), correct)
