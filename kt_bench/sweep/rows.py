@@ -43,6 +43,10 @@ IDENTITY_FIELDS = (*IDENTITY_TEXT, *IDENTITY_JSON, *IDENTITY_COUNTS)
 PERCENT_FIELDS = ("top1", "top5", "top1_best", "teacher_top1")
 #: Costs: numbers >= 0 (or null) wherever present, required in an ok row.
 COST_FIELDS = ("wall_s", "images_per_s")
+#: What a method transferred (:mod:`kt_bench.sweep.diagnostics`), absent where it was not
+#: measured: percents in [0, 100] and numbers >= 0 (or null) wherever present.
+TRANSFER_PERCENT_FIELDS = ("agreement", "ece")
+TRANSFER_AMOUNT_FIELDS = ("kl_teacher", "diagnostics_s")
 
 
 class DamagedRowError(KtBenchError):
@@ -121,11 +125,11 @@ def _outcome_problem(row: dict[str, Any]) -> str | None:
         missing = [k for k in (*PERCENT_FIELDS, *COST_FIELDS) if row.get(k) is None]
         if missing:
             return f"an ok row without {', '.join(missing)}"
-    for key in PERCENT_FIELDS:
+    for key in (*PERCENT_FIELDS, *TRANSFER_PERCENT_FIELDS):
         problem = _number_problem(row, key, 100)
         if problem:
             return problem
-    for key in COST_FIELDS:
+    for key in (*COST_FIELDS, *TRANSFER_AMOUNT_FIELDS):
         problem = _number_problem(row, key, math.inf)
         if problem:
             return problem
