@@ -32,7 +32,8 @@ LAUNCHER_KEYS = ("partition", "gpus_per_job", "cpus_per_job", "mem_gb", "time_mi
 
 @dataclass
 class JobSettings:
-    """What a job needs besides its cells: where to write and how to train."""
+    """What a job needs besides its cells: where to write, how to train, and the trackers
+    each cell gets a run in (``--log-with``)."""
 
     out: str
     teacher_cache: str
@@ -41,6 +42,7 @@ class JobSettings:
     precision: str = "no"
     compile: bool = False
     plugins: list[str] = field(default_factory=list)
+    trackers: tuple[str, ...] = ()
 
 
 class CellJob:
@@ -66,7 +68,7 @@ class CellJob:
         s = self.settings
         accelerator = make_accelerator(s.device, s.precision)
         return run_cells(self.cells, Path(s.out), accelerator, Path(s.teacher_cache),
-                         s.data_root, compile=s.compile)
+                         s.data_root, compile=s.compile, trackers=tuple(s.trackers))
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Requeue this job as it is (its state is on disk, in the cells' checkpoints)."""

@@ -10,7 +10,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
-from kt_bench.core.errors import KtBenchError, first_line
+from kt_bench.core.errors import KtBenchError
 from kt_bench.core.precision import PRECISIONS
 
 
@@ -50,26 +50,16 @@ def check_device_and_precision(device: str, precision: str) -> None:
         raise KtBenchError("--precision fp16 needs a CUDA device; on the CPU use bf16 or no")
 
 
-def make_accelerator(device: str = "auto", precision: str = "no", log_with: str | None = None,
-                     project_dir: str | None = None) -> Accelerator:
-    """An Accelerator for ``device`` (auto|cpu|cuda) and ``precision`` (no|bf16|fp16);
-    ``log_with`` names an Accelerate tracker (e.g. ``tensorboard``) writing under
-    ``project_dir``."""
+def make_accelerator(device: str = "auto", precision: str = "no") -> Accelerator:
+    """An Accelerator for ``device`` (auto|cpu|cuda) and ``precision`` (no|bf16|fp16).
+    It has no trackers: ``--log-with`` opens a run per cell itself
+    (:mod:`kt_bench.training.tracking`)."""
     check_device_and_precision(device, precision)
     reset_accelerator_state()
-    try:
-        # A method's parameters, or part of the student, may sit out a stage (FitNet's hint
-        # stage, a loss term weighted 0 in some epochs): DDP must not wait for their grads.
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision,
-                                  log_with=log_with, project_dir=project_dir,
-                                  kwargs_handlers=[ddp])
-    except (ValueError, ImportError, RuntimeError) as exc:
-        raise KtBenchError(f"cannot log with '{log_with}': {first_line(exc)}") from None
-    if log_with and not accelerator.log_with:
-        raise KtBenchError(f"--log-with {log_with}: that tracker's package is not installed "
-                           f"(for TensorBoard: pip install tensorboard)")
-    return accelerator
+    # A method's parameters, or part of the student, may sit out a stage (FitNet's hint
+    # stage, a loss term weighted 0 in some epochs): DDP must not wait for their grads.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision, kwargs_handlers=[ddp])
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
