@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kt_bench.commands.main import main
+from kt_bench.core.errors import KtBenchError
 from kt_bench.sweep.rows import RESULT_COLUMNS
 
 from .conftest import run_cli, write_tiny_grid
@@ -167,3 +169,21 @@ def test_readme_plugin_example_works_verbatim(tmp_path, capsys):
     metrics = [json.loads(line) for line in
                next((out / "cells").glob("*/metrics.jsonl")).read_text().splitlines()]
     assert metrics[0]["logit_mse"] > 0
+
+
+def test_run_corrects_its_table_as_asked_and_refuses_an_unknown_correction(tmp_path, capsys):
+    grid = write_tiny_grid(tmp_path, seeds=(0, 1), epochs=1)
+    out = str(tmp_path / "out")
+    code, stdout, _ = run_cli(capsys, "run", "--grid", str(grid), "--out", out, "--no-report",
+                              "--correct", "bh")
+    assert code == 0 and "Benjamini–Hochberg" in stdout and "Holm" not in stdout
+    code, stdout, _ = run_cli(capsys, "run", "--grid", str(grid), "--out", out, "--no-report")
+    assert code == 0 and "Holm's step-down" in stdout  # the default; nothing trained again
+    with pytest.raises(SystemExit):
+        main(["run", "--grid", str(grid), "--correct", "bonferroni"])
+    assert "invalid choice: 'bonferroni'" in capsys.readouterr().err
+    import kt_bench
+
+    with pytest.raises(KtBenchError, match=r"^correct 'bonferroni' is invalid; accepted: "
+                                           r"holm, bh, none$"):
+        kt_bench.run(grid, out=out, correct="bonferroni")

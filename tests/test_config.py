@@ -14,7 +14,7 @@ def test_builtin_demo_grid_loads_with_its_eight_methods():
                             "nst_gauss", "kd+nst_poly"]
     assert grid.datasets[0].name == "digits"
     # the teacher recipe inherits from the students' recipe, replacing only what it sets
-    assert grid.teacher_recipe.epochs == 30 and grid.teacher_recipe.lr == grid.recipe.lr
+    assert grid.teacher_recipe.epochs == 20 and grid.teacher_recipe.lr == grid.recipe.lr
 
 
 def test_tiny_grid_file_loads(tiny_grid):

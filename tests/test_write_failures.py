@@ -126,7 +126,7 @@ def test_a_report_that_cannot_be_written_costs_neither_table_nor_rows(tmp_path, 
     out = tmp_path / "out"
     plot = out / "report" / "accuracy.png"
 
-    def write_report(out, rows=None):
+    def write_report(out, rows=None, correct="holm"):
         raise error(plot)
 
     monkeypatch.setattr(kt_bench.reporting.writer, "write_report", write_report)

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from kt_bench.commands.common import add_plugins_arg
+from kt_bench.reporting.corrections import CORRECTIONS
 from kt_bench.sweep import launch
 from kt_bench.workflow.run import run_grid
 from kt_bench.workflow.settings import SETTING_NAMES, RunSettings
@@ -27,12 +28,16 @@ def add_parser(subparsers: argparse._SubParsersAction, help: str) -> argparse.Ar
 
 
 def _add_grid_options(p: argparse.ArgumentParser) -> None:
-    """The grid and what replaces parts of it: --grid, --out, --methods, --epochs, --seeds."""
+    """The grid and what replaces parts of it: --grid, --out, --methods, --epochs,
+    --teacher-epochs, --seeds."""
     p.add_argument("--grid", required=True, help="a built-in grid name or a .toml file")
     p.add_argument("--out", help="output folder (default: results/<grid>)")
     p.add_argument("--methods", help="comma-separated methods replacing the grid's "
                                      "('all': every registered method)")
     p.add_argument("--epochs", type=int, help="student epochs replacing the recipe's")
+    p.add_argument("--teacher-epochs", type=int, metavar="N",
+                   help="epochs of a teacher trained for the grid, replacing its "
+                        "teacher_recipe's (a new teacher: cached apart from the others)")
     p.add_argument("--seeds", help="comma-separated seeds replacing the grid's")
 
 
@@ -66,10 +71,13 @@ def _add_teacher_and_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells with a GPU-hour estimate and stop")
     p.add_argument("--log-with", metavar="TRACKER",
-                   help="log per-step loss terms with an Accelerate tracker, e.g. "
-                        "tensorboard (written under <out>/tracking)")
+                   help="tensorboard, wandb (offline) and/or mlflow (a local file store), "
+                        "comma-separated: a run per cell under <out>/tracking")
     p.add_argument("--no-report", action="store_true",
                    help="skip writing report.md, tables and plots at the end")
+    p.add_argument("--correct", choices=CORRECTIONS, default=CORRECTIONS[0],
+                   help="how the table's changes against student are corrected for the many "
+                        "comparisons: holm (default), bh or none")
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kt_bench.reporting.status import cell_states, format_status
+from kt_bench.reporting.status import cell_states, format_status, teacher_states
 from kt_bench.sweep.rows import forget_warnings
 
 
@@ -18,7 +18,10 @@ def add_parser(subparsers: argparse._SubParsersAction, help: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
-    """Show done, running, interrupted, pending and failed cells of a run folder."""
+    """Show done, running (with each one's epoch and time left), interrupted, pending and
+    failed cells of a run folder, and the teachers being trained for it."""
     forget_warnings()
-    print(format_status(cell_states(Path(args.dir))))
+    out = Path(args.dir)
+    teachers = teacher_states(out)
+    print(format_status(cell_states(out, teachers), teachers))
     return 0

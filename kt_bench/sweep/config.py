@@ -159,11 +159,12 @@ class Grid:
         return [leaf for part in self.parts for leaf in part.leaves()]
 
     def overridden(self, methods: list[str] | None = None, epochs: int | None = None,
-                   seeds: list[int] | None = None) -> Grid:
+                   seeds: list[int] | None = None, teacher_epochs: int | None = None) -> Grid:
         """This grid with the command line's replacements applied to every part: the methods,
-        the students' epochs (multistep milestones scaled alike) and the seeds."""
+        the students' epochs and the teacher's (multistep milestones scaled alike) and the
+        seeds."""
         if self.parts:
-            parts = [p.overridden(methods, epochs, seeds) for p in self.parts]
+            parts = [p.overridden(methods, epochs, seeds, teacher_epochs) for p in self.parts]
             return dataclasses.replace(self, parts=parts)
         changes: dict[str, Any] = {}
         if methods is not None:
@@ -175,6 +176,8 @@ class Grid:
                                 for p in self.pairs]
         if seeds is not None:
             changes["seeds"] = unique(seeds)
+        if teacher_epochs is not None:
+            changes["teacher_recipe"] = with_epochs(self.teacher_recipe, teacher_epochs)
         return dataclasses.replace(self, **changes).validate() if changes else self
 
     def validate(self) -> Grid:

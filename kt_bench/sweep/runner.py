@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,16 +19,27 @@ from accelerate.utils import broadcast_object_list
 from kt_bench.api.method import Method, NotApplicable, build_method
 from kt_bench.core import atomic
 from kt_bench.core.clock import CLOCK
+from kt_bench.core.durations import time_left
 from kt_bench.core.errors import KtBenchError, first_line
 from kt_bench.core.interrupts import cell_failure, is_stop, stop_reason
 from kt_bench.core.locks import FileLock
 from kt_bench.data import load_dataset
 from kt_bench.data.bundle import DataBundle
 from kt_bench.sweep.cells import Cell
+from kt_bench.sweep.diagnostics import measure_cells, row_columns
+from kt_bench.sweep.progress import (
+    CELL_PROGRESS,
+    GridProgress,
+    active,
+    progress_record,
+    write_progress,
+)
 from kt_bench.sweep.rows import finished_row, result_path, write_results_csv
-from kt_bench.sweep.teachers import get_teacher
+from kt_bench.sweep.teachers import get_teacher, teacher_path
 from kt_bench.training.engine import DivergedError, TrainResult, train_cohort
-from kt_bench.training.hooks import standard_hooks
+from kt_bench.training.hooks import EpochClock, EpochLines, say, standard_hooks, timing
+from kt_bench.training.lifecycle import total_epochs
+from kt_bench.training.tracking import CellRuns
 
 
 class RowsNotKept(KtBenchError):
@@ -72,7 +84,8 @@ def _from_main(accelerator: Accelerator, value: Any) -> Any:
 
 
 def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None,
-             world_size: int, teacher_top1: float | None) -> dict[str, Any]:
+             world_size: int, teacher_top1: float | None,
+             diagnostics: dict[str, Any] | None = None) -> dict[str, Any]:
     row = _row_identity(cell, world_size)
     if teacher_top1 is not None:
         row["teacher_top1"] = teacher_top1
@@ -80,7 +93,7 @@ def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None
         row.update(top1=result.top1, top5=result.top5, top1_best=result.top1_best,
                    wall_s=result.wall_s, images_per_s=result.images_per_s, status="ok",
                    error="", init_epochs=sum(h.get("stage") == "init" for h in result.history),
-                   **result.facts)
+                   **result.facts, **row_columns(diagnostics))
     elif isinstance(error, NotApplicable):  # as the published tables print N/A
         row.update(status="n/a", error=first_line(error))
     elif isinstance(error, DivergedError):
@@ -128,47 +141,69 @@ def _build_methods(cells: list[Cell], errors: dict[int, BaseException]) -> dict[
     return built
 
 
-def _epoch_logger(cell_dir: Path) -> Callable[[list[dict[str, Any]]], None]:
-    """After each epoch: rewrite the cell's ``metrics.jsonl`` and add a line to its log."""
+def _epoch_logger(cell_dir: Path, epochs: int,
+                  clock: EpochClock) -> Callable[[list[dict[str, Any]]], None]:
+    """After each epoch: rewrite the cell's ``metrics.jsonl``, add a line to its log (``epoch
+    3: loss ... top1 ... (3/12, 2m10s, ETA 6m30s)``, of its ``epochs`` global epochs, with the
+    time since ``clock`` started and the time left at that pace) and rewrite its
+    ``progress.json`` (what ``kt-bench status`` shows of a running cell)."""
+    run = 0  # epochs of this run (a resumed cell starts after its checkpoint's)
+
     def on_epoch(history: list[dict[str, Any]]) -> None:
+        nonlocal run
+        run += 1
         lines = "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
         with _writing(cell_dir / "metrics.jsonl"):
             atomic.write_text(cell_dir / "metrics.jsonl", lines)
         last = history[-1]
+        elapsed = clock.elapsed()
+        eta = time_left(elapsed, run, epochs - last["epoch"])
+        stage = " init" if last.get("stage") == "init" else ""
         _log_line(cell_dir, f"epoch {last['epoch']}: loss {last['loss']:.4f} "
-                            f"top1 {last['top1']:.2f}")
+                            f"top1 {last['top1']:.2f} ({last['epoch']}/{epochs}{stage}, "
+                            f"{timing(elapsed, eta, last['epoch'] >= epochs)})")
+        write_progress(cell_dir / CELL_PROGRESS,
+                       progress_record(last["epoch"], epochs, elapsed, eta))
     return on_epoch
 
 
 def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
-              data: DataBundle, compile: bool = False) -> list[dict[str, Any]]:
+              data: DataBundle, compile: bool = False,
+              trackers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Train cells that differ only in method together (a cohort; one cell is a solo run)
     and return their rows. Their teacher comes first, from the cache if there.
 
     Each cell's folder receives its resolved ``config.json``, ``metrics.jsonl`` (rewritten
     after every epoch), ``log.txt`` (a line per start, epoch and end) and its last
-    ``checkpoint.pt``. A cell whose files cannot be written fails (its row names the file and
+    ``checkpoint.pt``; a student that trained to the end is then measured against the teacher
+    (:func:`~kt_bench.sweep.diagnostics.measure_cells`: ``diagnostics.json`` and the row's
+    ``agreement``, ``kl_teacher``, ``ece``, ``diagnostics_s``; a failed measurement fails no
+    cell). A cell whose files cannot be written fails (its row names the file and
     the reason); the others go on. An interrupt (Ctrl-C, SIGTERM, a preempted job's exit) is
     logged in each cell's log and raised again: the next run resumes from the checkpoints.
-    ``compile`` runs the networks through ``torch.compile``.
+    ``compile`` runs the networks through ``torch.compile``. ``trackers`` (``--log-with``)
+    each get a run per cell under ``<out>/tracking`` (:mod:`kt_bench.training.tracking`).
     """
     main = accelerator.is_main_process
     dirs = [out / "cells" / c.cell_id for c in cells]
     errors = _start_cells(cells, dirs, accelerator)
-    if accelerator.log_with:  # a run of its own per cell, in <out>/tracking/<cell_id>
-        config = {k: v for k, v in cells[0].identity().items() if k != "config"}
-        accelerator.init_trackers(cells[0].cell_id, config=config)
+    # a run of its own per cell and tracker, on the main process
+    runs = CellRuns.open(trackers, out / "tracking", cells, list(errors)) if main else CellRuns()
     teacher_top1 = None
     try:
         results: dict[int, TrainResult] = {}
+        diagnostics: dict[int, dict[str, Any]] = {}
         if len(errors) < len(cells):  # else no cell to train: no teacher either
             teacher, t_metrics = get_teacher(cells[0], data, accelerator, teacher_cache)
             CLOCK.mark("teacher")
             teacher_top1 = t_metrics["top1"]
             results = _train_built(cells, _build_methods(cells, errors), dirs, accelerator,
-                                   data, teacher, compile)
+                                   data, teacher, compile, runs)
+            # what each student took from the teacher (a failure here fails no cell)
+            diagnostics = measure_cells(results, dirs, teacher, data, accelerator,
+                                        cells[0].recipe.eval_batch_size)
         rows = [_row_for(c, results.get(i), results[i].error if i in results else errors[i],
-                         accelerator.num_processes, teacher_top1)
+                         accelerator.num_processes, teacher_top1, diagnostics.get(i))
                 for i, c in enumerate(cells)]
     except BaseException as exc:  # noqa: BLE001 - an interrupt is raised again
         if is_stop(exc):  # resumable: every finished epoch is in a checkpoint
@@ -181,10 +216,7 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
         # failed cells are recorded and the grid goes on
         rows = [_row_for(c, None, exc, accelerator.num_processes, teacher_top1) for c in cells]
     finally:
-        # finish this cell's trackers (end_training would also end a distributed run)
-        for tracker in accelerator.trackers:
-            tracker.finish()
-        accelerator.trackers.clear()
+        runs.finish(stopped=sys.exc_info()[0] is not None)  # an interrupt on its way out
     if main:
         for row, cell_dir in zip(rows, dirs, strict=True):
             _log_quietly(cell_dir, f"end status={row['status']} {row.get('error', '')}".rstrip())
@@ -193,17 +225,27 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
 
 def _train_built(cells: list[Cell], built: dict[int, Method], dirs: list[Path],
                  accelerator: Accelerator, data: DataBundle, teacher: torch.nn.Module | None,
-                 compile: bool) -> dict[int, TrainResult]:
-    """Train the ``built`` methods' students as one cohort; their results by cell index."""
+                 compile: bool, runs: CellRuns | None = None) -> dict[int, TrainResult]:
+    """Train the ``built`` methods' students as one cohort, logging into the cells' tracker
+    ``runs``; their results by cell index."""
     if not built:
         return {}
-    desc = (f"{cells[0].method} s{cells[0].seed}" if len(cells) == 1
-            else f"cohort of {len(built)} s{cells[0].seed}")
-    trained = train_cohort(data, cells[0].student, list(built.values()), cells[0].recipe,
-                           cells[0].seed, accelerator, teacher,
-                           [dirs[i] / "checkpoint.pt" for i in built],
-                           [_epoch_logger(dirs[i]) for i in built], compile,
-                           standard_hooks(accelerator, desc, len(built)))
+    cell = cells[0]
+    label = f"{cell.dataset.label} {cell.teacher.label}->{cell.student.label} seed {cell.seed}"
+    epochs = [total_epochs(m, cell.recipe.epochs) for m in built.values()]
+    clock = EpochClock()
+    hooks = [clock, *standard_hooks(accelerator, label, len(built), max(epochs),
+                                    tracking=runs.hook(list(built)) if runs else None)]
+    if accelerator.is_main_process:
+        hooks.append(EpochLines(label, [cells[i].method for i in built], epochs, clock, say))
+    trained = train_cohort(data, cell.student, list(built.values()), cell.recipe, cell.seed,
+                           accelerator, teacher, [dirs[i] / "checkpoint.pt" for i in built],
+                           [_epoch_logger(dirs[i], n, clock) for i, n in zip(built, epochs,
+                                                                              strict=True)],
+                           compile, hooks)
+    grid = active()
+    if grid is not None:  # the pace of this cohort's epochs, for the grid's time left
+        grid.measured_cells(trained[0].wall_s, sum(len(r.epoch_s) for r in trained))
     return dict(zip(built, trained, strict=True))
 
 
@@ -231,50 +273,65 @@ def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
               data_root: str | None = None,
               on_row: Callable[[int, dict[str, Any]], None] | None = None,
               poll_s: float = 2.0, cohort: bool = True,
-              compile: bool = False) -> list[dict[str, Any]]:
+              compile: bool = False, trackers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Run every cell not finished yet; return the rows of ``cells`` (old and new) in order.
 
     A cell whose row exists with status ok or diverged is skipped; a failed cell is run again.
     A row that cannot be written to its ``result.json`` is passed to ``on_row`` as a failed
     row naming the file and the reason, and then :class:`RowsNotKept` stops the grid.
     With ``cohort``, cells that differ only in method train together (one teacher pass per
-    batch for all of them); tracking (``--log-with``) runs cells one at a time. Each cell is
-    locked while it runs: a cell another runner holds is left for later and waited for, so
-    runners sharing ``out`` run every cell once. ``compile``: see :func:`run_group`.
+    batch for all of them). Each cell is locked while it runs: a cell another runner holds
+    is left for later and waited for, so runners sharing ``out`` run every cell once.
+    ``compile`` and ``trackers``: see :func:`run_group`.
+
+    The main process prints the grid's progress on stdout (see
+    :class:`~kt_bench.sweep.progress.GridProgress`): at the start and after each cohort it
+    ran, a line of the cells done, failed and left and the time left; each epoch of a
+    cohort or a teacher, a line of its own.
     """
-    cohort = cohort and not accelerator.log_with
     datasets: dict[str, DataBundle] = {}
     rows: dict[int, dict[str, Any]] = {}
+    grid = (GridProgress(cells, out, lambda c: (None if c.teacher_is_pretrained
+                                                else teacher_path(teacher_cache, c)), say)
+            if accelerator.is_main_process else None)
 
     def record(i: int, row: dict[str, Any]) -> None:
         rows[i] = row
+        if grid is not None:
+            grid.finished(i, row)
         if on_row:
             on_row(i, row)
 
-    pending = list(enumerate(cells))
-    while pending:
-        deferred = []
-        for group in _groups(pending, cohort):
-            mine, done, later, locks = _claim(group, out, accelerator)
-            deferred += later
-            for i, row in done:
-                record(i, row)
-            try:
-                if mine:
-                    new, problem = _run_cells_now([c for _, c in mine], out, accelerator,
-                                                  teacher_cache, data_root, datasets, compile)
-                    for (i, _), row in zip(mine, new, strict=True):
-                        record(i, row)
-                    if problem:
-                        raise RowsNotKept(f"{problem}; the grid stopped here, as its rows "
-                                          "cannot be kept: rerun the same command once that "
-                                          "is fixed")
-            finally:
-                for lock in locks:
-                    lock.release()
-        if len(deferred) == len(pending):
-            time.sleep(poll_s)  # every remaining cell is running elsewhere
-        pending = deferred
+    with grid.tracking() if grid is not None else contextlib.nullcontext():
+        if grid is not None:
+            grid.say()
+        pending = list(enumerate(cells))
+        while pending:
+            deferred = []
+            for group in _groups(pending, cohort):
+                mine, done, later, locks = _claim(group, out, accelerator)
+                deferred += later
+                for i, row in done:
+                    record(i, row)
+                try:
+                    if mine:
+                        new, problem = _run_cells_now([c for _, c in mine], out, accelerator,
+                                                      teacher_cache, data_root, datasets,
+                                                      compile, trackers)
+                        for (i, _), row in zip(mine, new, strict=True):
+                            record(i, row)
+                        if problem:
+                            raise RowsNotKept(f"{problem}; the grid stopped here, as its rows "
+                                              "cannot be kept: rerun the same command once "
+                                              "that is fixed")
+                        if grid is not None:
+                            grid.say()
+                finally:
+                    for lock in locks:
+                        lock.release()
+            if len(deferred) == len(pending):
+                time.sleep(poll_s)  # every remaining cell is running elsewhere
+            pending = deferred
     return [rows[i] for i in range(len(cells))]
 
 
@@ -308,7 +365,7 @@ def _claim(group: list[tuple[int, Cell]], out: Path, accelerator: Accelerator):
 
 def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
                    data_root: str | None, datasets: dict[str, DataBundle],
-                   compile: bool) -> tuple[list[dict], str | None]:
+                   compile: bool, trackers: tuple[str, ...] = ()) -> tuple[list[dict], str | None]:
     """Run ``cells`` (one cohort) and write their rows; a cohort that runs out of GPU memory
     is run again one cell at a time (each resuming from its checkpoint). Returns the rows and,
     if one could not be written, why (on every process)."""
@@ -321,10 +378,12 @@ def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teach
         rows = [{**_row_identity(c, accelerator.num_processes), "status": "failed",
                  "error": first_line(exc)} for c in cells]
     else:
-        rows = run_group(cells, out, accelerator, teacher_cache, datasets[key], compile)
+        rows = run_group(cells, out, accelerator, teacher_cache, datasets[key], compile,
+                         trackers)
         if len(cells) > 1 and any(r["status"] == "oom" for r in rows):
             torch.cuda.empty_cache()
-            rows = [run_group([c], out, accelerator, teacher_cache, datasets[key], compile)[0]
+            rows = [run_group([c], out, accelerator, teacher_cache, datasets[key], compile,
+                              trackers)[0]
                     if r["status"] == "oom" else r for c, r in zip(cells, rows, strict=True)]
     problem = None
     if accelerator.is_main_process:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
+import socket
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from torch import nn
 
 from kt_bench.api.method import CrossEntropyOnly
 from kt_bench.core import atomic
+from kt_bench.core.durations import time_left
 from kt_bench.core.errors import KtBenchError, first_line
 from kt_bench.core.locks import FileLock
 from kt_bench.data.bundle import DataBundle
 from kt_bench.models import build_model
+from kt_bench.sweep import progress
 from kt_bench.sweep.cells import Cell, config_hash
 from kt_bench.training.checkpoints import (
     UnsafeFileError,
@@ -25,7 +32,13 @@ from kt_bench.training.checkpoints import (
     state_dict_in,
 )
 from kt_bench.training.engine import evaluate, train
-from kt_bench.training.hooks import standard_hooks
+from kt_bench.training.hooks import (
+    EpochClock,
+    EpochLines,
+    TrainingHooks,
+    say,
+    standard_hooks,
+)
 from kt_bench.training.reference_checkpoints import fit_state
 
 
@@ -144,10 +157,74 @@ def _get_teacher(cell: Cell, data: DataBundle, accelerator: Accelerator,
     ckpt = path.with_suffix(".ckpt")
     result = train(data, cell.teacher, CrossEntropyOnly(), cell.teacher_recipe,
                    cell.teacher_training_seed, accelerator, checkpoint=ckpt,
-                   hooks=standard_hooks(accelerator, f"teacher {cell.teacher.label}"))
+                   hooks=_training_hooks(cell, accelerator, path))
+    grid = progress.active()
+    if grid is not None:  # the pace of a teacher's epochs, for the grid's time left
+        grid.measured_teacher(result.wall_s, len(result.epoch_s))
     metrics = {"top1": result.top1, "top5": result.top5, "wall_s": result.wall_s}
     if accelerator.is_main_process:
         atomic.torch_save(path, {"model": result.model.state_dict(), "metrics": metrics,
                                  "config": cell.teacher_config()})
         remove_checkpoint(ckpt)
     return result.model.eval(), metrics
+
+
+def teacher_label(cell: Cell) -> str:
+    """How progress lines name the teacher of ``cell``: ``teacher resnet20 on digits, seed 0``."""
+    return (f"teacher {cell.teacher.label} on {cell.dataset.label}, "
+            f"seed {cell.teacher_training_seed}")
+
+
+def _training_hooks(cell: Cell, accelerator: Accelerator, path: Path) -> list[TrainingHooks]:
+    """What training the teacher of ``cell`` (cached at ``path``) reports: a bar (on a
+    terminal) and, on the main process, a line per epoch and, within a grid's run, the
+    progress file ``kt-bench status`` shows it by."""
+    epochs = cell.teacher_recipe.epochs
+    label = teacher_label(cell)
+    clock = EpochClock()
+    hooks: list[TrainingHooks] = [clock, *standard_hooks(accelerator, label, 1, epochs)]
+    grid = progress.active()
+    if accelerator.is_main_process and grid is not None:
+        facts = {"teacher": cell.teacher.label, "dataset": cell.dataset.label,
+                 "seed": cell.teacher_training_seed,
+                 "lock": str(path.with_suffix(".lock").resolve()),
+                 "where": f"{socket.gethostname()} {os.getpid()}"}
+        hooks.append(TrainingMarker(progress.teacher_marker(grid.out, path), epochs, clock,
+                                    facts))
+    if accelerator.is_main_process:
+        hooks.append(EpochLines(label, None, [epochs], clock, say))
+    return hooks
+
+
+class TrainingMarker(TrainingHooks):
+    """A progress file at ``path`` while a teacher trains: written when training starts and
+    after each of its ``epochs`` epochs (with the time spent since ``clock`` started and the
+    time left), removed when training stops; ``facts`` name the teacher. It only informs
+    ``kt-bench status``: a file that cannot be written stops nothing."""
+
+    def __init__(self, path: Path, epochs: int, clock: EpochClock,
+                 facts: dict[str, Any]) -> None:
+        self.path, self.epochs, self.clock, self.facts = path, epochs, clock, facts
+        self.run = 0  # epochs of this run (a resumed teacher starts after its checkpoint's)
+
+    def start(self, total_steps: int) -> None:
+        """Announce the training."""
+        progress.write_progress(self.path, progress.progress_record(
+            None, self.epochs, 0.0, None, **self.facts))
+
+    def epoch_end(self, step: int, records: Mapping[int, Mapping[str, Any]]) -> None:
+        """Say which epoch is done and the time left."""
+        self.run += 1
+        if not records:
+            return
+        (record,) = records.values()
+        elapsed = self.clock.elapsed()
+        progress.write_progress(self.path, progress.progress_record(
+            record["epoch"], self.epochs, elapsed,
+            time_left(elapsed, self.run, self.epochs - record["epoch"]), **self.facts))
+
+    def end(self) -> None:
+        """Take the announcement back."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+            self.path.parent.rmdir()  # the last teacher training for the run folder

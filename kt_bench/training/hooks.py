@@ -1,16 +1,40 @@
-"""What the training loop tells the world while it runs — a progress bar, a tracker's logs,
-the start-up clock — as callbacks its caller passes in; the loop itself only trains."""
+"""What the training loop tells the world while it runs — a progress bar, a line per epoch,
+a tracker's logs, the start-up clock — as callbacks its caller passes in; the loop itself only
+trains."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from kt_bench.core.clock import CLOCK, StartupClock
+from kt_bench.core.durations import format_duration, time_left
 from kt_bench.training.device import sync_device
+
+
+def bars_wanted() -> bool:
+    """Whether progress bars may be drawn: on a terminal (stderr, where tqdm draws them) or in
+    a notebook (a widget). In a file, a pipe or a cluster job's log a bar is only a stream of
+    carriage-return frames, and the epoch lines say what it would."""
+    if any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__):
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return False
+
+
+def say(line: str) -> None:
+    """Print a progress line on stdout at once, above any progress bar (a terminal's bar
+    is drawn again below it)."""
+    tqdm.write(line)
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 class TrainingHooks:
@@ -79,10 +103,12 @@ class HookList(TrainingHooks):
 
 
 class ProgressBar(TrainingHooks):
-    """A tqdm bar of the run's steps, with the loss and top-1 of a lone student."""
+    """A tqdm bar of the run's steps named ``desc``, with the last epoch done (of ``epochs``,
+    where given) and a lone student's loss and top-1; drawn only where
+    :func:`bars_wanted`."""
 
-    def __init__(self, desc: str = "", disable: bool = False) -> None:
-        self.desc, self.disable = desc, disable
+    def __init__(self, desc: str = "", disable: bool = False, epochs: int | None = None) -> None:
+        self.desc, self.disable, self.epochs = desc, disable or not bars_wanted(), epochs
         self.bar: tqdm | None = None
 
     def start(self, total_steps: int) -> None:
@@ -96,10 +122,15 @@ class ProgressBar(TrainingHooks):
             self.bar.update(1)
 
     def epoch_end(self, step: int, records: Mapping[int, Mapping[str, Any]]) -> None:
-        """Show a lone student's loss and top-1."""
-        if self.bar is not None and len(records) == 1:
+        """Show the epoch done and a lone student's loss and top-1."""
+        if self.bar is None or not records:
+            return
+        shown = {"epoch": f"{max(r['epoch'] for r in records.values())}"
+                          f"{f'/{self.epochs}' if self.epochs else ''}"}
+        if len(records) == 1:
             (record,) = records.values()
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}")
+            shown.update(loss=f"{record['loss']:.3f}", top1=f"{record['top1']:.1f}")
+        self.bar.set_postfix(shown)
 
     def end(self) -> None:
         """Close the bar."""
@@ -125,30 +156,85 @@ class StartupTimer(TrainingHooks):
             self.clock.mark(self.clock.FINAL)
 
 
-class TrackerLog(TrainingHooks):
-    """Logs to the accelerator's trackers (``--log-with``): every epoch's test accuracy and,
-    with ``steps`` (one student per run), every step's loss terms."""
+class EpochClock(TrainingHooks):
+    """When training started (its first epoch, after the networks were built), for what
+    reports a run's progress to tell the time spent and estimate the time left."""
 
-    def __init__(self, accelerator, steps: bool) -> None:
-        self.accelerator = accelerator
-        self.wants_step_values = steps
+    def __init__(self) -> None:
+        self.started: float | None = None
 
-    def step_values(self, step: int, values: Mapping[str, torch.Tensor]) -> None:
-        """Log the step's loss terms."""
-        self.accelerator.log({f"train/{k}": v.item() for k, v in values.items()}, step=step)
+    def start(self, total_steps: int) -> None:
+        """Start the clock."""
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds since training started (0 before)."""
+        return 0.0 if self.started is None else time.monotonic() - self.started
+
+
+def timing(elapsed: float, eta: float | None, finished: bool) -> str:
+    """The time part of a progress line: ``2m10s, ETA 6m30s``, or ``done in 2m10s``."""
+    if finished:
+        return f"done in {format_duration(elapsed)}"
+    return f"{format_duration(elapsed)}, ETA {'?' if eta is None else format_duration(eta)}"
+
+
+class EpochLines(TrainingHooks):
+    """A line per epoch saying where training is: ``[label] epoch k/N``, each student's test
+    top-1 and loss (by ``names``, the students' names by their position; None for one that
+    ``label`` names already), the time spent and the time left at the pace of the epochs run
+    so far. ``epochs``: each student's global epochs (an initialisation stage's included); a
+    student missing from an epoch's records before its last epoch stopped early (its row says
+    why)."""
+
+    def __init__(self, label: str, names: Sequence[str] | None, epochs: Sequence[int],
+                 clock: EpochClock, write: Callable[[str], None] = say) -> None:
+        self.label, self.names, self.epochs = label, names, list(epochs)
+        self.clock, self.write = clock, write
+        self.run = 0  # epochs ended in this run (a resumed one starts after its checkpoint)
 
     def epoch_end(self, step: int, records: Mapping[int, Mapping[str, Any]]) -> None:
-        """Log each record's test accuracy."""
-        for record in records.values():
-            self.accelerator.log({f"test/{k}": record[k] for k in ("top1", "top5")}, step=step)
+        """Write the epoch's line."""
+        self.run += 1
+        if not records:
+            return  # every student stopped: their rows say why
+        epoch = max(r["epoch"] for r in records.values())
+        last = max(self.epochs)
+        elapsed = self.clock.elapsed()
+        eta = time_left(elapsed, self.run, last - epoch)
+        self.write(f"[{self.label}] epoch {epoch}/{last}  {self._results(records, epoch)}  "
+                   f"{timing(elapsed, eta, epoch >= last)}")
+
+    def _results(self, records: Mapping[int, Mapping[str, Any]], epoch: int) -> str:
+        """Each student's top-1 and loss, in order; ``stopped`` for one that stopped early."""
+        if self.names is None:
+            return "top-1 " + _result(next(iter(records.values())))
+        parts = []
+        for i, name in enumerate(self.names):
+            if i in records:
+                parts.append(f"{name} {_result(records[i])}")
+            elif self.epochs[i] >= epoch:
+                parts.append(f"{name} stopped")
+        return ", ".join(parts)
 
 
-def standard_hooks(accelerator, desc: str = "", students: int = 1) -> list[TrainingHooks]:
-    """The hooks of a run from the command line: a progress bar on the local main process,
-    the start-up clock, and the trackers where the accelerator has any (per-step values only
-    for one student)."""
-    hooks: list[TrainingHooks] = [ProgressBar(desc, not accelerator.is_local_main_process),
+def _result(record: Mapping[str, Any]) -> str:
+    """An epoch's test top-1 and training loss: ``91.2% (loss 0.412)``, marked in an
+    initialisation stage."""
+    stage = ", init" if record.get("stage") == "init" else ""
+    return f"{record['top1']:.1f}% (loss {record['loss']:.3g}{stage})"
+
+
+def standard_hooks(accelerator, desc: str = "", students: int = 1,
+                   epochs: int | None = None,
+                   tracking: TrainingHooks | None = None) -> list[TrainingHooks]:
+    """The hooks of a run from the command line: a progress bar of ``epochs`` epochs on the
+    local main process (on a terminal), the start-up clock, and ``tracking``, the hook of the
+    cells' tracker runs where there are any
+    (:meth:`kt_bench.training.tracking.CellRuns.hook`)."""
+    hooks: list[TrainingHooks] = [ProgressBar(desc, not accelerator.is_local_main_process,
+                                              epochs),
                                   StartupTimer(accelerator.device)]
-    if accelerator.trackers:
-        hooks.append(TrackerLog(accelerator, students == 1))
+    if tracking is not None:
+        hooks.append(tracking)
     return hooks

@@ -29,6 +29,7 @@ from kt_bench.core.errors import ConfigError, KtBenchError
 from kt_bench.core.options import Spec
 from kt_bench.core.precision import resolve_precision
 from kt_bench.reporting import writer
+from kt_bench.reporting.corrections import check_correction
 from kt_bench.reporting.report import comparison_table
 from kt_bench.sweep import launch, probe
 from kt_bench.sweep.cells import Cell, check_published_teachers, expand, select
@@ -46,7 +47,9 @@ from kt_bench.sweep.manifest import write_manifest
 from kt_bench.sweep.rows import forget_warnings, unreadable_row, write_results_csv
 from kt_bench.sweep.runner import run_cells
 from kt_bench.training.device import check_device_and_precision, make_accelerator
+from kt_bench.training.hooks import say
 from kt_bench.training.recipe import Recipe
+from kt_bench.training.tracking import check_trackers, tracker_names
 from kt_bench.workflow.settings import RunSettings
 
 #: What a grid is given as: a built-in grid's name, a grid file's path, a :class:`Grid`, or a
@@ -91,6 +94,7 @@ def run_grid(grid: GridSource, settings: RunSettings) -> RunOutcome:
     forget_warnings()
     load_plugins(settings.plugins)
     CLOCK.mark("imports")
+    check_correction(settings.correct, settings.flag("correct"))
     precision = resolve_precision(settings.precision, settings.device)
     check_device_and_precision(settings.device, precision)
     if settings.launcher is not None and settings.launcher not in launch.LAUNCHERS:
@@ -101,11 +105,12 @@ def run_grid(grid: GridSource, settings: RunSettings) -> RunOutcome:
         return _dry_run(plan)
     check_writable(plan.out, plan.out_flag)
     check_writable(plan.teacher_cache, plan.cache_flag)
-    log_with = None if settings.log_with in (None, "none") else settings.log_with
+    trackers = tracker_names(settings.log_with, settings.flag("log_with"))
+    check_trackers(trackers, settings.flag("log_with"))  # a missing library: before training
     if settings.launcher:
-        code = _run_as_jobs(settings, plan, precision, log_with)
+        code = _run_as_jobs(settings, plan, precision, trackers)
     else:
-        code = _run_here(settings, plan, precision, log_with)
+        code = _run_here(settings, plan, precision, trackers)
     return RunOutcome(code, plan.out, plan.cells)
 
 
@@ -224,15 +229,18 @@ def _seeds(value: str | list[int], flag: str) -> list[int]:
 
 
 def apply_overrides(grid: Grid, settings: RunSettings) -> Grid:
-    """``grid`` with the settings' methods, epochs and seeds applied to every part of it."""
+    """``grid`` with the settings' methods, epochs (the students' and the teacher's) and seeds
+    applied to every part of it."""
     methods = None
     if settings.methods is not None:  # given, even if empty: "" is no list of methods
         methods = _methods(settings.methods, settings.flag("methods"))
-    if settings.epochs is not None and settings.epochs < 1:
-        raise KtBenchError(f"{settings.flag('epochs')} must be >= 1, got {settings.epochs}")
+    for key in ("epochs", "teacher_epochs"):
+        value = getattr(settings, key)
+        if value is not None and value < 1:
+            raise KtBenchError(f"{settings.flag(key)} must be >= 1, got {value}")
     seeds = (_seeds(settings.seeds, settings.flag("seeds")) if settings.seeds is not None
              else None)
-    return grid.overridden(methods, settings.epochs, seeds)
+    return grid.overridden(methods, settings.epochs, seeds, settings.teacher_epochs)
 
 
 def _without_unreadable_rows(cells: list[Cell], out: Path) -> list[Cell]:
@@ -295,11 +303,11 @@ def _print_plan(table: pd.DataFrame, cells: list[Cell], out: Path, estimate: boo
 
 
 def _run_here(settings: RunSettings, plan: _Plan, precision: str,
-              log_with: str | None) -> int:
-    """Train the cells in this process (or in each process of a distributed launch) and, on
-    the main process, print the table and write the report."""
-    accelerator = make_accelerator(settings.device, precision, log_with,
-                                   str(plan.out / "tracking") if log_with else None)
+              trackers: tuple[str, ...]) -> int:
+    """Train the cells in this process (or in each process of a distributed launch), each
+    cell with a run in each of ``trackers``, and, on the main process, print the table and
+    write the report."""
+    accelerator = make_accelerator(settings.device, precision)
     main = accelerator.is_main_process
     CLOCK.mark("plan")
     if main:
@@ -312,23 +320,25 @@ def _run_here(settings: RunSettings, plan: _Plan, precision: str,
               flush=True)
     rows = run_cells(plan.cells, plan.out, accelerator, plan.teacher_cache, settings.data_root,
                      _row_printer(len(plan.cells)) if main else None,
-                     cohort=settings.cohort, compile=settings.compile)
+                     cohort=settings.cohort, compile=settings.compile, trackers=trackers)
     if not main:
         return 0
     write_results_csv(plan.out)  # also when every cell was done before: never a stale file
-    return _print_results(pd.DataFrame(rows), plan.out, not settings.report)
+    return _print_results(pd.DataFrame(rows), plan.out, not settings.report,
+                          settings.correct)
 
 
 def _row_printer(total: int) -> Callable[[int, dict], None]:
-    """A line per finished cell of ``total``: its top-1, or its status and error."""
+    """A line per finished cell of ``total``: its top-1, or its status and error (on stdout
+    at once, as the progress lines)."""
     def on_row(i: int, row: dict) -> None:
         if row["status"] == "ok":
-            tqdm.write(f"[{i + 1}/{total}] {row['method']:<14} seed {row['seed']}: "
-                       f"top1 {row['top1']:.2f}  (teacher {row['teacher_top1']:.2f}, "
-                       f"{row['wall_s']:.1f} s)")
+            say(f"[{i + 1}/{total}] {row['method']:<14} seed {row['seed']}: "
+                f"top1 {row['top1']:.2f}  (teacher {row['teacher_top1']:.2f}, "
+                f"{row['wall_s']:.1f} s)")
         else:
-            tqdm.write(f"[{i + 1}/{total}] {row['method']:<14} seed {row['seed']}: "
-                       f"{row['status']}: {row['error']}")
+            say(f"[{i + 1}/{total}] {row['method']:<14} seed {row['seed']}: "
+                f"{row['status']}: {row['error']}")
     return on_row
 
 
@@ -347,19 +357,16 @@ def _report_startup(clock: StartupClock, out: Path) -> None:
 
 
 def _run_as_jobs(settings: RunSettings, plan: _Plan, precision: str,
-                 log_with: str | None) -> int:
-    """Submit the unfinished cells as jobs (one per cohort) and, unless told not to wait,
-    wait for them and print the table."""
-    if log_with:
-        raise KtBenchError(f"{settings.flag('log_with')} is not available with "
-                           f"{settings.flag('launcher')}; track a plain run")
+                 trackers: tuple[str, ...]) -> int:
+    """Submit the unfinished cells as jobs (one per cohort, each cell with a run in each of
+    ``trackers``) and, unless told not to wait, wait for them and print the table."""
     cfg = launch.launcher_config(plan.grid.launcher,
                                  {k: getattr(settings, k) for k in launch.LAUNCHER_KEYS})
     settings_of_jobs = launch.JobSettings(
         str(plan.out.resolve()), str(plan.teacher_cache.resolve()),
         str(Path(settings.data_root).resolve()) if settings.data_root else None,
         settings.device, precision, settings.compile,
-        [str(Path(p).resolve()) for p in settings.plugins])
+        [str(Path(p).resolve()) for p in settings.plugins], trackers)
     submitted = launch.submit_cells(plan.cells, settings.launcher, cfg, settings_of_jobs,
                                     cohort=settings.cohort)
     print(f"grid '{plan.grid.name}': {len(plan.cells)} cells, {submitted.done_before} already "
@@ -374,20 +381,21 @@ def _run_as_jobs(settings: RunSettings, plan: _Plan, precision: str,
     if missing:
         print(f"kt-bench: {missing} cell(s) have no row; see kt-bench status {plan.out}",
               file=sys.stderr)
-    code = _print_results(rows, plan.out, not settings.report) if not rows.empty else 1
+    code = (_print_results(rows, plan.out, not settings.report, settings.correct)
+            if not rows.empty else 1)
     return 1 if missing or problems else code
 
 
-def _print_results(df: pd.DataFrame, out: Path, no_report: bool) -> int:
-    """Print the comparison table, write the report (unless ``no_report``); 1 if a cell did
-    not finish ok or the report could not be written (one line on stderr; the table and the
-    rows stand)."""
+def _print_results(df: pd.DataFrame, out: Path, no_report: bool, correct: str) -> int:
+    """Print the comparison table, write the report (unless ``no_report``), both with their
+    changes against the student corrected by ``correct``; 1 if a cell did not finish ok or
+    the report could not be written (one line on stderr; the table and the rows stand)."""
     print()
-    print(comparison_table(df))
+    print(comparison_table(df, correct=correct))
     report, unwritten = None, None
     if not no_report:
         try:
-            report = writer.write_report(out)
+            report = writer.write_report(out, correct=correct)
         except (KtBenchError, OSError) as exc:  # the table and the rows stand without it
             unwritten = str(exc) if isinstance(exc, KtBenchError) else os_error_line(exc)
     print(f"\nrows: {out / 'results.csv'}" + (f"; report: {report}" if report else ""))

@@ -42,6 +42,8 @@ class RunSettings:
     #: The methods replacing the grid's: comma-separated text or a list ("all": every one).
     methods: str | list[str] | None = _setting(None, "names")
     epochs: int | None = _setting(None, "int")
+    #: The teacher's epochs replacing the grid's ``teacher_recipe`` epochs.
+    teacher_epochs: int | None = _setting(None, "int")
     #: The seeds replacing the grid's: comma-separated text or a list of integers.
     seeds: str | list[int] | None = _setting(None, "ints")
     device: str = _setting("auto", "text")
@@ -56,6 +58,8 @@ class RunSettings:
     dry_run: bool = _setting(False, "bool")
     log_with: str | None = _setting(None, "text")
     report: bool = _setting(True, "bool")
+    #: How the table's changes against the student are corrected: holm, bh or none.
+    correct: str = _setting("holm", "text")
     launcher: str | None = _setting(None, "text")
     wait: bool = _setting(True, "bool")
     partition: str | None = _setting(None, "text")
