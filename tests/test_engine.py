@@ -232,3 +232,33 @@ def test_networks_narrower_than_a_cpu_vector_train_in_the_default_layout():
             Batch(torch.zeros(2, dtype=torch.long)))
     assert seen[0].is_contiguous() and not seen[0].is_contiguous(
         memory_format=torch.channels_last)
+
+
+def test_each_cohort_member_measures_its_own_step_time_and_keeps_it_across_a_resume(
+        data, teacher, tmp_path, monkeypatch):
+    """A cohort's students share one wall time; each one's own steps are timed apart (what the
+    report's cost figure shares that time out by), and a resumed student adds to the time its
+    checkpoint holds."""
+    import time as clock
+
+    from kt_bench.training import device
+    from kt_bench.training.engine import train_cohort
+
+    acc = make_accelerator("cpu")
+    spans = iter(range(10_000))  # a fake clock: every reading one second later
+
+    monkeypatch.setattr(device.time, "perf_counter", lambda: float(next(spans)))
+    cohort = train_cohort(data, STUDENT, [build_method("student"), build_method("kd")],
+                          RECIPE, 0, acc, teacher)
+    monkeypatch.undo()
+    steps = 3 * 3  # 96 images in batches of 32, three epochs
+    # each timed step reads the fake clock twice, one second apart
+    assert [r.step_s for r in cohort] == [steps, steps]
+    assert cohort[0].wall_s > steps  # the rest of the cohort's time is not theirs
+
+    ckpt = tmp_path / "ckpt.pt"
+    t0 = clock.perf_counter()
+    first = train(data, STUDENT, build_method("kd"), RECIPE, 0, acc, teacher, checkpoint=ckpt)
+    assert 0 < first.step_s < clock.perf_counter() - t0
+    again = train(data, STUDENT, build_method("kd"), RECIPE, 0, acc, teacher, checkpoint=ckpt)
+    assert again.step_s == first.step_s  # nothing left to train: the checkpoint's time

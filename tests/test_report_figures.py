@@ -234,3 +234,21 @@ def test_a_report_without_diagnostics_has_no_heat_map(tmp_path):
     write_report(out, fake_run(tmp_path / "again", diagnostics=False))
     assert not (out / "report" / "cost.png").exists()
     assert (out / "report" / "losses-2.png").exists()
+
+
+def test_a_real_cohort_gets_its_cost_figure_from_each_students_own_step_time(finished, capsys):
+    """The engine times each cohort member's steps (``step_s``), so a cohort's rows get a cost
+    figure: the cohort's wall time shared out by those times."""
+    from kt_bench.reporting.own_time import own_seconds
+    from kt_bench.sweep.rows import read_rows
+
+    from .conftest import run_cli
+
+    _, out = finished
+    rows = read_rows(out)
+    assert (rows["step_s"] > 0).all() and (rows["step_s"] < rows["wall_s"]).all()
+    own = own_seconds(out, rows)
+    assert own.sum() == pytest.approx(rows["wall_s"].iloc[0])  # one cohort's time, shared out
+    code, _, _ = run_cli(capsys, "report", str(out))
+    assert code == 0 and (out / "report" / "cost.png").exists()
+    assert "No cost figure" not in (out / "report.md").read_text()

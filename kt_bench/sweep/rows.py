@@ -43,6 +43,8 @@ IDENTITY_FIELDS = (*IDENTITY_TEXT, *IDENTITY_JSON, *IDENTITY_COUNTS)
 PERCENT_FIELDS = ("top1", "top5", "top1_best", "teacher_top1")
 #: Costs: numbers >= 0 (or null) wherever present, required in an ok row.
 COST_FIELDS = ("wall_s", "images_per_s")
+#: Costs that rows of older versions lack: numbers >= 0 (or null) wherever present.
+OPTIONAL_COST_FIELDS = ("step_s",)
 #: What a method transferred (:mod:`kt_bench.sweep.diagnostics`), absent where it was not
 #: measured: percents in [0, 100] and numbers >= 0 (or null) wherever present.
 TRANSFER_PERCENT_FIELDS = ("agreement", "ece")
@@ -129,7 +131,7 @@ def _outcome_problem(row: dict[str, Any]) -> str | None:
         problem = _number_problem(row, key, 100)
         if problem:
             return problem
-    for key in (*COST_FIELDS, *TRANSFER_AMOUNT_FIELDS):
+    for key in (*COST_FIELDS, *OPTIONAL_COST_FIELDS, *TRANSFER_AMOUNT_FIELDS):
         problem = _number_problem(row, key, math.inf)
         if problem:
             return problem

@@ -91,7 +91,8 @@ def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None
         row["teacher_top1"] = teacher_top1
     if error is None and result is not None:
         row.update(top1=result.top1, top5=result.top5, top1_best=result.top1_best,
-                   wall_s=result.wall_s, images_per_s=result.images_per_s, status="ok",
+                   wall_s=result.wall_s, images_per_s=result.images_per_s,
+                   step_s=result.step_s, status="ok",
                    error="", init_epochs=sum(h.get("stage") == "init" for h in result.history),
                    **result.facts, **row_columns(diagnostics))
     elif isinstance(error, NotApplicable):  # as the published tables print N/A

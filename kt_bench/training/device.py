@@ -4,6 +4,10 @@ the engine depends on, wrapped here with the reason for each."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -118,3 +122,42 @@ def compile_model(model: nn.Module,
     # the wrong kernels it avoids.
     keep = memory_format == torch.contiguous_format
     model.compile(options={"layout_optimization": False} if keep else None)
+
+
+class StepTimer:
+    """Seconds spent in blocks of code on ``device``, summed per key: the wall clock on the
+    CPU (which has finished a block's work when it returns); on CUDA, events recorded around
+    each block on the current stream and read only when asked, so timing adds no
+    synchronisation to the steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._seconds: dict[int, float] = {}
+        self._events: dict[int, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+
+    @contextlib.contextmanager
+    def timing(self, key: int) -> Iterator[None]:
+        """Time the block under ``key`` (also when it raises)."""
+        if self.cuda:
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.setdefault(key, []).append((start, end))
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[key] = self._seconds.get(key, 0.0) + time.perf_counter() - t0
+
+    def seconds(self, key: int) -> float:
+        """The seconds timed under ``key`` (on CUDA, after its last block finished)."""
+        events = self._events.get(key, [])
+        if events:
+            events[-1][1].synchronize()
+        return (self._seconds.get(key, 0.0)
+                + sum(start.elapsed_time(end) for start, end in events) / 1000)

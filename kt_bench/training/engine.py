@@ -32,6 +32,7 @@ from kt_bench.data.bundle import DataBundle
 from kt_bench.models import build_model
 from kt_bench.training.checkpoints import restore_training, save_checkpoint
 from kt_bench.training.device import (
+    StepTimer,
     channels_last,
     compile_model,
     training_memory_format,
@@ -74,6 +75,10 @@ class TrainResult:
     error: BaseException | None = None
     #: What the method settled on while training (:meth:`Method.facts`).
     facts: dict[str, Any] = field(default_factory=dict)
+    #: Seconds spent in this student's own steps (forward, backward, update; the teacher's
+    #: shared forward pass and evaluation not included), over every epoch trained: what a
+    #: cohort member's share of the cohort's time is measured by.
+    step_s: float = 0.0
 
     @property
     def top1(self) -> float:
@@ -152,6 +157,8 @@ class _Member:
     error: BaseException | None = None
     #: The member's position among the cohort's methods.
     index: int = 0
+    #: Seconds in the member's own steps (see :attr:`TrainResult.step_s`).
+    step_s: float = 0.0
 
     @property
     def start_epoch(self) -> int:
@@ -218,6 +225,8 @@ def _start_member(data: DataBundle, student_spec: Spec, method: Method, recipe: 
         if state is not None:
             member.history, member.train_s, member.images = (state["history"],
                                                              state["train_s"], state["images"])
+            step_s = state.get("step_s", 0.0)  # absent from checkpoints of older versions
+            member.step_s = float(step_s) if isinstance(step_s, int | float) else 0.0
     member.trainee, member.optimizer = accelerator.prepare(trainee, optimizer)
     if init_optimizer is not None:
         member.init_optimizer = accelerator.prepare(init_optimizer)
@@ -315,6 +324,7 @@ def _run_epoch(planned: list[_Planned], data: DataBundle, epoch: int, seed: int,
     student's step. The number of steps and the seconds they took."""
     methods = [p.member.method for p in planned]
     world = accelerator.num_processes
+    timer = StepTimer(accelerator.device)
     n_steps, t0 = 0, time.perf_counter()
     for x, y, idx in data.train_batches(epoch, seed, recipe.batch_size, accelerator.device,
                                         accelerator.process_index, world, indices=True):
@@ -327,12 +337,15 @@ def _run_epoch(planned: list[_Planned], data: DataBundle, epoch: int, seed: int,
                 continue
             try:
                 t_taps = TeacherTaps.of(p.member.method, read) if teacher else None
-                _step(p, accelerator, x, p.plan.batch(y, idx, step_seed), t_taps, hooks,
-                      epoch * steps + n_steps)
+                with timer.timing(p.member.index):
+                    _step(p, accelerator, x, p.plan.batch(y, idx, step_seed), t_taps, hooks,
+                          epoch * steps + n_steps)
             except BaseException as exc:  # noqa: BLE001 - this student stops, the rest go on
                 p.member.fail(exc)
             p.member.images += x.shape[0] * world
         hooks.step()
+    for p in planned:
+        p.member.step_s += timer.seconds(p.member.index)
     return n_steps, time.perf_counter() - t0
 
 
@@ -363,6 +376,7 @@ def _close_epoch(p: _Planned, accelerator: Accelerator, data: DataBundle, recipe
                 "init_optimizer": (member.init_optimizer.state_dict()
                                    if member.init_optimizer is not None else None),
                 "history": member.history, "train_s": member.train_s,
+                "step_s": member.step_s,
                 "images": member.images})
         if member.on_epoch is not None:
             member.on_epoch(member.history)
@@ -445,7 +459,8 @@ def _results(members: list[_Member], accelerator: Accelerator, wall: float
     """Each member's :class:`TrainResult`."""
     facts = [_facts(m) if m.trainee else {} for m in members]  # first: it may fail one
     return [TrainResult(accelerator.unwrap_model(m.trainee).student if m.trainee else None,
-                        m.history, wall, m.train_s, m.images, m.epoch_s, m.error, f)
+                        m.history, wall, m.train_s, m.images, m.epoch_s, m.error, f,
+                        m.step_s)
             for m, f in zip(members, facts, strict=True)]
 
 
