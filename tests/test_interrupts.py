@@ -85,7 +85,7 @@ EXITS = {"exit_init": "method 'exit_init' failed to build: it called sys.exit()"
          "exit_loss": "method 'exit_loss' called sys.exit(3)",
          "exit_weights": "method 'exit_weights' called sys.exit('bye')",
          "exit_facts": "method 'exit_facts' called sys.exit(5)"}
-TIMING = ["wall_s", "images_per_s", "diagnostics_s", "step_s"]
+TIMING = ["wall_s", "images_per_s", "diagnostics_s", "step_s", "cohort_step_s"]
 
 
 def _plugins(tmp_path: Path, name: str, text: str) -> Path:

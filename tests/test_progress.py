@@ -332,3 +332,17 @@ def test_teacher_epochs_below_one_is_a_one_line_error(tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "run", "--grid", "demo", "--teacher-epochs", "3",
                               "--dry-run", "--only", "method=kd", "--only", "seed=0")
     assert code == 0 and "1 cells; results would go to" in stdout
+
+
+def test_a_student_waiting_in_a_resumed_cohort_is_not_called_stopped():
+    """In a resumed cohort a student whose checkpoint is ahead trains only from its own next
+    epoch: until then it has no records, and it has not stopped."""
+    lines: list[str] = []
+    clock = FakeClock()
+    report = hooks.EpochLines("c", ["student", "kd"], [4, 4], clock, lines.append)
+    clock.now = 10.0
+    report.epoch_end(10, {0: record(3, 50.0, 1.0)})  # kd resumed after epoch 3
+    clock.now = 20.0
+    report.epoch_end(20, {0: record(4, 60.0, 0.5), 1: record(4, 70.0, 0.8)})
+    assert lines == ["[c] epoch 3/4  student 50.0% (loss 1)  10s, ETA 10s",
+                     "[c] epoch 4/4  student 60.0% (loss 0.5), kd 70.0% (loss 0.8)  done in 20s"]

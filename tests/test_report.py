@@ -93,7 +93,8 @@ def test_report_command_writes_tables_plots_and_report_md(tmp_path, capsys):
     for name in ("table.md", "table.tex", "summary.csv", "accuracy.png", "accuracy.pdf",
                  "curves.png", "curves.pdf", "losses.png", "losses.pdf"):
         assert (folder / name).stat().st_size > 0, name
-    assert not (folder / "cost.png").exists()  # the cells trained as a cohort: no own time
+    # the cells trained as a cohort: the figure shares its time out by their own step times
+    assert (folder / "cost.png").stat().st_size > 0
     from PIL import Image
 
     with Image.open(folder / "accuracy.png") as img:
@@ -101,7 +102,7 @@ def test_report_command_writes_tables_plots_and_report_md(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "![accuracy](report/accuracy.png)" in report
     assert "![losses](report/losses.png)" in report
-    assert "No cost figure: every cell trained in a cohort" in report
+    assert "No cost figure" not in report and "![cost](report/cost.png)" in report
     assert "[table.tex](report/table.tex)" in report
     assert "corrected by Holm's step-down method" in report
     assert r"\toprule" in (folder / "table.tex").read_text()
@@ -173,3 +174,10 @@ def test_report_versus_flag(tmp_path, capsys):
         capsys.readouterr().err
     assert main(["report", str(out), "--versus", "seed"]) == 2
     assert "--versus takes FIELD=REFERENCE" in capsys.readouterr().err
+
+
+def test_latex_escapes_the_comparison_signs_of_the_notes():
+    from kt_bench.reporting.report import latex_escape
+
+    # OT1, LaTeX's default font encoding, prints a bare > as an inverted question mark
+    assert latex_escape("p > 0.05 & p < 1_0") == r"p $>$ 0.05 \& p $<$ 1\_0"

@@ -252,3 +252,16 @@ def test_a_real_cohort_gets_its_cost_figure_from_each_students_own_step_time(fin
     code, _, _ = run_cli(capsys, "report", str(out))
     assert code == 0 and (out / "report" / "cost.png").exists()
     assert "No cost figure" not in (out / "report.md").read_text()
+
+
+def test_a_failed_members_steps_keep_their_share_of_the_cohorts_time(tmp_path):
+    """A member that failed after training a while took part of the cohort's wall time: the
+    ok members' shares are their step times over every member's (``cohort_step_s``)."""
+    from kt_bench.reporting.own_time import own_seconds
+
+    out = tmp_path / "run"
+    rows = fake_run(out, cohort=True, step_s=True)  # step_s 1, 2, 3 for the three methods
+    rows["cohort_step_s"] = 10.0  # a fourth, failed member stepped for 4 s
+    own = own_seconds(out, rows)
+    first = rows[(rows["teacher"] == "resnet32x4") & (rows["seed"] == 1)]
+    assert own[first.index].tolist() == pytest.approx([101 / 10, 101 * 2 / 10, 101 * 3 / 10])

@@ -19,7 +19,7 @@ from kt_bench.sweep.config import load_grid
 
 from .conftest import SLOW_PLUGIN, write_tiny_grid
 
-TIMING = ["wall_s", "images_per_s", "diagnostics_s", "step_s"]
+TIMING = ["wall_s", "images_per_s", "diagnostics_s", "step_s", "cohort_step_s"]
 
 
 @pytest.fixture

@@ -15,6 +15,9 @@ import pandas as pd
 #: A row's seconds spent in its own student's steps (forward, backward, update) when it
 #: trained in a cohort; the share of the cohort's wall time each member is given.
 STEP_COLUMN = "step_s"
+#: A row's sum of the step times of every member of its cohort (a failed member's too, whose
+#: steps also took part of the wall time); where absent, the ok members' sum.
+COHORT_STEP_COLUMN = "cohort_step_s"
 #: What the runner writes in a cell's log when it starts the cell with others.
 COHORT_MARK = " in a cohort of "
 
@@ -37,8 +40,10 @@ def trained_in_cohort(out: Path, cell_id: str) -> bool:
 def own_seconds(out: Path, rows: pd.DataFrame) -> pd.Series:
     """Each row's own training time in seconds (index of ``rows``): ``wall_s`` for a cell
     trained alone; for a cohort member, the cohort's ``wall_s`` times its :data:`STEP_COLUMN`
-    over the sum of its cohort's (members: the cohort cells of one dataset, pair, setting and
-    seed with the same wall time), NaN where any member lacks a step time."""
+    over its :data:`COHORT_STEP_COLUMN` (every member's steps, a failed one's too) or, in rows
+    without it, over the sum of its ok cohort's (members: the cohort cells of one dataset,
+    pair, setting and seed with the same wall time); NaN where any member lacks a step
+    time."""
     result = pd.Series(math.nan, index=rows.index, dtype=float)
     ok = rows[rows["status"] == "ok"]
     if ok.empty:
@@ -52,6 +57,9 @@ def own_seconds(out: Path, rows: pd.DataFrame) -> pd.Series:
     keys = ["dataset", "teacher", "student", "setting_id", "seed", "wall_s"]
     for _, group in members.groupby(keys, sort=False, dropna=False):
         steps = pd.to_numeric(group[STEP_COLUMN], errors="coerce")
-        if steps.notna().all() and steps.sum() > 0:
-            result.loc[group.index] = wall[group.index] * steps / steps.sum()
+        total = (pd.to_numeric(group[COHORT_STEP_COLUMN], errors="coerce")
+                 if COHORT_STEP_COLUMN in group else pd.Series(math.nan, index=group.index))
+        total = total.where(total.notna() & (total > 0), steps.sum())
+        if steps.notna().all() and (total > 0).all():
+            result.loc[group.index] = wall[group.index] * steps / total
     return result

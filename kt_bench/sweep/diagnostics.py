@@ -163,7 +163,7 @@ def measure_transfer(teacher: nn.Module, students: list[nn.Module], data: DataBu
               for s, p in zip(students, pairs, strict=True)]
     sums = [torch.zeros(_MMD + len(p), dtype=torch.float64, device=device) for p in pairs]
     rank, world = accelerator.process_index, accelerator.num_processes
-    stride, seen = 0, 0
+    stride, seen, failure = 0, 0, None
     try:
         with _eager():
             for x, y in data.test_batches(batch_size, device, rank, world):
@@ -179,9 +179,17 @@ def measure_transfer(teacher: nn.Module, students: list[nn.Module], data: DataBu
                     s_read = net.forward(x, accelerator)
                     net.keep(s_read, chosen)
                     _add_batch(total, t_read, s_read, y, p)
+    except Exception as exc:  # noqa: BLE001 - agreed on below, then raised on every process
+        failure = exc
     finally:
         for net in (t_net, *s_nets):
             net.recorder.remove()
+    if world > 1:  # a process that failed alone would leave the others waiting in a reduce
+        failed = torch.tensor([float(failure is not None)], device=device)
+        if accelerator.reduce(failed, reduction="sum").item() > 0 and failure is None:
+            failure = KtBenchError("the measurement failed on another process")
+    if failure is not None:
+        raise failure
     if world > 1:
         sums = [accelerator.reduce(s, reduction="sum") for s in sums]
     out = _summaries(accelerator, t_net, s_nets, sums, pairs)

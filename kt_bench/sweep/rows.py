@@ -44,7 +44,7 @@ PERCENT_FIELDS = ("top1", "top5", "top1_best", "teacher_top1")
 #: Costs: numbers >= 0 (or null) wherever present, required in an ok row.
 COST_FIELDS = ("wall_s", "images_per_s")
 #: Costs that rows of older versions lack: numbers >= 0 (or null) wherever present.
-OPTIONAL_COST_FIELDS = ("step_s",)
+OPTIONAL_COST_FIELDS = ("step_s", "cohort_step_s")
 #: What a method transferred (:mod:`kt_bench.sweep.diagnostics`), absent where it was not
 #: measured: percents in [0, 100] and numbers >= 0 (or null) wherever present.
 TRANSFER_PERCENT_FIELDS = ("agreement", "ece")

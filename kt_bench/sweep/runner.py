@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,7 +84,8 @@ def _from_main(accelerator: Accelerator, value: Any) -> Any:
 
 def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None,
              world_size: int, teacher_top1: float | None,
-             diagnostics: dict[str, Any] | None = None) -> dict[str, Any]:
+             diagnostics: dict[str, Any] | None = None,
+             cohort_step_s: float | None = None) -> dict[str, Any]:
     row = _row_identity(cell, world_size)
     if teacher_top1 is not None:
         row["teacher_top1"] = teacher_top1
@@ -93,6 +93,7 @@ def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None
         row.update(top1=result.top1, top5=result.top5, top1_best=result.top1_best,
                    wall_s=result.wall_s, images_per_s=result.images_per_s,
                    step_s=result.step_s, status="ok",
+                   cohort_step_s=result.step_s if cohort_step_s is None else cohort_step_s,
                    error="", init_epochs=sum(h.get("stage") == "init" for h in result.history),
                    **result.facts, **row_columns(diagnostics))
     elif isinstance(error, NotApplicable):  # as the published tables print N/A
@@ -188,10 +189,10 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     main = accelerator.is_main_process
     dirs = [out / "cells" / c.cell_id for c in cells]
     errors = _start_cells(cells, dirs, accelerator)
-    # a run of its own per cell and tracker, on the main process
-    runs = CellRuns.open(trackers, out / "tracking", cells, list(errors)) if main else CellRuns()
-    teacher_top1 = None
+    runs, stopped, teacher_top1 = CellRuns(), False, None
     try:
+        if main:  # a run of its own per cell and tracker (in the try: closed if interrupted)
+            runs = CellRuns.open(trackers, out / "tracking", cells, list(errors))
         results: dict[int, TrainResult] = {}
         diagnostics: dict[int, dict[str, Any]] = {}
         if len(errors) < len(cells):  # else no cell to train: no teacher either
@@ -204,10 +205,13 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
             diagnostics = measure_cells(results, dirs, teacher, data, accelerator,
                                         cells[0].recipe.eval_batch_size)
         rows = [_row_for(c, results.get(i), results[i].error if i in results else errors[i],
-                         accelerator.num_processes, teacher_top1, diagnostics.get(i))
+                         accelerator.num_processes, teacher_top1, diagnostics.get(i),
+                         # every member's steps, a failed one's too: its share of wall_s
+                         sum(r.step_s for r in results.values()))
                 for i, c in enumerate(cells)]
     except BaseException as exc:  # noqa: BLE001 - an interrupt is raised again
         if is_stop(exc):  # resumable: every finished epoch is in a checkpoint
+            stopped = True
             if main:
                 why = stop_reason(exc)
                 for cell_dir in dirs:
@@ -217,7 +221,7 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
         # failed cells are recorded and the grid goes on
         rows = [_row_for(c, None, exc, accelerator.num_processes, teacher_top1) for c in cells]
     finally:
-        runs.finish(stopped=sys.exc_info()[0] is not None)  # an interrupt on its way out
+        runs.finish(stopped=stopped)
     if main:
         for row, cell_dir in zip(rows, dirs, strict=True):
             _log_quietly(cell_dir, f"end status={row['status']} {row.get('error', '')}".rstrip())

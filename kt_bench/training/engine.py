@@ -76,8 +76,8 @@ class TrainResult:
     #: What the method settled on while training (:meth:`Method.facts`).
     facts: dict[str, Any] = field(default_factory=dict)
     #: Seconds spent in this student's own steps (forward, backward, update; the teacher's
-    #: shared forward pass and evaluation not included), over every epoch trained: what a
-    #: cohort member's share of the cohort's time is measured by.
+    #: shared forward pass and evaluation not included) in this call, as ``wall_s`` is this
+    #: call's: what a cohort member's share of the cohort's time is measured by.
     step_s: float = 0.0
 
     @property
@@ -225,8 +225,6 @@ def _start_member(data: DataBundle, student_spec: Spec, method: Method, recipe: 
         if state is not None:
             member.history, member.train_s, member.images = (state["history"],
                                                              state["train_s"], state["images"])
-            step_s = state.get("step_s", 0.0)  # absent from checkpoints of older versions
-            member.step_s = float(step_s) if isinstance(step_s, int | float) else 0.0
     member.trainee, member.optimizer = accelerator.prepare(trainee, optimizer)
     if init_optimizer is not None:
         member.init_optimizer = accelerator.prepare(init_optimizer)
@@ -376,7 +374,6 @@ def _close_epoch(p: _Planned, accelerator: Accelerator, data: DataBundle, recipe
                 "init_optimizer": (member.init_optimizer.state_dict()
                                    if member.init_optimizer is not None else None),
                 "history": member.history, "train_s": member.train_s,
-                "step_s": member.step_s,
                 "images": member.images})
         if member.on_epoch is not None:
             member.on_epoch(member.history)

@@ -184,18 +184,21 @@ class EpochLines(TrainingHooks):
     top-1 and loss (by ``names``, the students' names by their position; None for one that
     ``label`` names already), the time spent and the time left at the pace of the epochs run
     so far. ``epochs``: each student's global epochs (an initialisation stage's included); a
-    student missing from an epoch's records before its last epoch stopped early (its row says
-    why)."""
+    student that had records in this run and is missing from an epoch's before its last epoch
+    stopped early (its row says why). One without records yet is left out of the line (in a
+    resumed cohort it may be waiting for the others to reach the epoch its checkpoint holds)."""
 
     def __init__(self, label: str, names: Sequence[str] | None, epochs: Sequence[int],
                  clock: EpochClock, write: Callable[[str], None] = say) -> None:
         self.label, self.names, self.epochs = label, names, list(epochs)
         self.clock, self.write = clock, write
         self.run = 0  # epochs ended in this run (a resumed one starts after its checkpoint)
+        self.seen: set[int] = set()  # the students with records in this run
 
     def epoch_end(self, step: int, records: Mapping[int, Mapping[str, Any]]) -> None:
         """Write the epoch's line."""
         self.run += 1
+        self.seen.update(records)
         if not records:
             return  # every student stopped: their rows say why
         epoch = max(r["epoch"] for r in records.values())
@@ -213,7 +216,7 @@ class EpochLines(TrainingHooks):
         for i, name in enumerate(self.names):
             if i in records:
                 parts.append(f"{name} {_result(records[i])}")
-            elif self.epochs[i] >= epoch:
+            elif i in self.seen and self.epochs[i] >= epoch:
                 parts.append(f"{name} stopped")
         return ", ".join(parts)
 

@@ -67,6 +67,9 @@ def check_trackers(names: Sequence[str], flag: str = "--log-with") -> None:
         except ImportError:
             raise KtBenchError(f"{flag} {name} needs the {name} package: pip install "
                                f"'kt-bench[{name}]'") from None
+        except Exception as exc:  # noqa: BLE001 - e.g. a protobuf of another version
+            raise KtBenchError(f"{flag} {name}: the {name} package cannot be imported "
+                               f"({first_line(exc)})") from None
 
 
 def flat_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
