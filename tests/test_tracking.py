@@ -306,8 +306,8 @@ class _Kept(TrackerRun):
             raise OSError("disk full")
         self.logged.append((dict(values), step, per_epoch))
 
-    def _close(self, stopped):
-        self.closed = "stopped" if stopped else "finished"
+    def _close(self, stopped, failed):
+        self.closed = "stopped" if stopped else "failed" if failed else "finished"
 
 
 def test_each_students_record_goes_to_its_own_cells_runs():
@@ -323,6 +323,12 @@ def test_each_students_record_goes_to_its_own_cells_runs():
     runs.finish(stopped=True)
     assert (a.closed, b.closed, c.closed) == ("stopped",) * 3
     assert CellRuns().hook([0, 1]) is None
+
+
+def test_a_cell_that_did_not_finish_ok_closes_its_runs_as_failed():
+    a, b = _Kept("a"), _Kept("b")
+    CellRuns({0: [a], 1: [b]}).finish(stopped=False, failed=[1])
+    assert (a.closed, b.closed) == ("finished", "failed")
 
 
 def test_a_failing_run_is_named_once_and_left_out(capsys):

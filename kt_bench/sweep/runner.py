@@ -190,6 +190,7 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     dirs = [out / "cells" / c.cell_id for c in cells]
     errors = _start_cells(cells, dirs, accelerator)
     runs, stopped, teacher_top1 = CellRuns(), False, None
+    rows: list[dict[str, Any]] = []
     try:
         if main:  # a run of its own per cell and tracker (in the try: closed if interrupted)
             runs = CellRuns.open(trackers, out / "tracking", cells, list(errors))
@@ -221,7 +222,8 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
         # failed cells are recorded and the grid goes on
         rows = [_row_for(c, None, exc, accelerator.num_processes, teacher_top1) for c in cells]
     finally:
-        runs.finish(stopped=stopped)
+        runs.finish(stopped, [i for i, r in enumerate(rows) if r["status"] not in ("ok", "n/a")]
+                    if not stopped else ())
     if main:
         for row, cell_dir in zip(rows, dirs, strict=True):
             _log_quietly(cell_dir, f"end status={row['status']} {row.get('error', '')}".rstrip())

@@ -140,12 +140,13 @@ class TrackerRun:
             except Exception as exc:  # noqa: BLE001 - tracking never stops training
                 self._give_up("logging", exc)
 
-    def finish(self, stopped: bool) -> None:
-        """Close the run, marked as stopped (interrupted) or finished."""
+    def finish(self, stopped: bool, failed: bool = False) -> None:
+        """Close the run, marked as stopped (interrupted), failed (its cell did not finish
+        ok) or finished."""
         if not self.broken:
             self.broken = True  # nothing more goes in
             try:
-                self._close(stopped)
+                self._close(stopped, failed)
             except Exception as exc:  # noqa: BLE001
                 self._give_up("closing", exc)
 
@@ -157,7 +158,7 @@ class TrackerRun:
     def _write(self, values: Mapping[str, float], step: int, per_epoch: bool) -> None:
         raise NotImplementedError
 
-    def _close(self, stopped: bool) -> None:
+    def _close(self, stopped: bool, failed: bool) -> None:
         raise NotImplementedError
 
 
@@ -188,7 +189,7 @@ class TensorBoardRun(TrackerRun):
         if per_epoch:
             self.writer.flush()
 
-    def _close(self, stopped: bool) -> None:
+    def _close(self, stopped: bool, failed: bool) -> None:
         self.writer.close()
 
 
@@ -223,8 +224,8 @@ class WandbRun(TrackerRun):
         # is logged against its axis (see define_metric above) instead
         self.run.log({**values, "epoch" if per_epoch else "train/step": step})
 
-    def _close(self, stopped: bool) -> None:
-        self.run.finish(exit_code=1 if stopped else 0)
+    def _close(self, stopped: bool, failed: bool) -> None:
+        self.run.finish(exit_code=1 if stopped or failed else 0)
 
 
 def mlflow_key(name: str) -> str:
@@ -279,8 +280,9 @@ class MlflowRun(TrackerRun):
         self.client.log_batch(self.run_id, metrics=[Metric(mlflow_key(k), v, now, step)
                                                     for k, v in values.items()])
 
-    def _close(self, stopped: bool) -> None:
-        self.client.set_terminated(self.run_id, "KILLED" if stopped else "FINISHED")
+    def _close(self, stopped: bool, failed: bool) -> None:
+        status = "KILLED" if stopped else "FAILED" if failed else "FINISHED"
+        self.client.set_terminated(self.run_id, status)
 
 
 RUN_CLASSES: dict[str, type[TrackerRun]] = {"tensorboard": TensorBoardRun, "wandb": WandbRun,
@@ -320,11 +322,12 @@ class CellRuns:
         by_member = [self.runs.get(i, []) for i in members]
         return TrackerLog(by_member) if any(by_member) else None
 
-    def finish(self, stopped: bool = False) -> None:
-        """Close every run, marked as stopped (interrupted) or finished."""
-        for runs in self.runs.values():
+    def finish(self, stopped: bool = False, failed: Sequence[int] = ()) -> None:
+        """Close every run, marked as stopped (interrupted), failed (the cells at ``failed``
+        did not finish ok) or finished."""
+        for i, runs in self.runs.items():
             for run in runs:
-                run.finish(stopped)
+                run.finish(stopped, i in failed)
 
 
 class TrackerLog(TrainingHooks):
