@@ -123,10 +123,11 @@ def cost_plot(summary: pd.DataFrame, folder: Path) -> list[Path]:
             style = method_style(line["method"])
             ax.scatter(line["own_s"], line["top1"], color=style.colour, marker=style.marker,
                        s=40, zorder=3)
-            ax.annotate(label, (line["own_s"], line["top1"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 3))
+            if label != line["method"]:  # a method's colour names it; a setting needs words
+                ax.annotate(label, (line["own_s"], line["top1"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 3))
             methods[line["method"]] = None
-        ax.margins(x=0.12, y=0.08)  # room for the names beside the points
+        ax.margins(x=0.12, y=0.08)  # room for the settings' names beside the points
         ax.set(xlabel="training time of the student (s, mean over seeds)",
                ylabel="test top-1 accuracy (%)")
         ax.set_title(wrapped(name), fontsize=9)
