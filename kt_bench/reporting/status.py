@@ -15,7 +15,13 @@ from kt_bench.core.durations import format_duration
 from kt_bench.core.errors import KtBenchError, UnreadableFileError
 from kt_bench.core.locks import holder
 from kt_bench.sweep.manifest import MANIFEST, read_manifest
-from kt_bench.sweep.progress import CELL_PROGRESS, eta_now, read_progress, teacher_markers
+from kt_bench.sweep.progress import (
+    CELL_PROGRESS,
+    epochs_done,
+    eta_now,
+    read_progress,
+    teacher_markers,
+)
 from kt_bench.sweep.rows import DamagedRowError, load_row
 
 #: A cell's state when it has no row yet.
@@ -36,14 +42,6 @@ def _identity_from_config(cell_dir: Path) -> dict[str, Any]:
         info.update(method=cfg.get("method"), seed=cfg.get("seed"),
                     epochs=recipe.get("epochs") if isinstance(recipe, dict) else None)
     return info
-
-
-def _epochs_done(cell_dir: Path) -> int:
-    """The lines of the cell's ``metrics.jsonl`` (one per epoch); 0 when it cannot be read."""
-    try:
-        return len((cell_dir / "metrics.jsonl").read_bytes().splitlines())
-    except OSError:  # missing, a folder, or not ours to read
-        return 0
 
 
 def _holder(lock: Path) -> str | None:
@@ -131,7 +129,7 @@ def cell_states(out: Path, teachers: Sequence[dict[str, Any]] | None = None) -> 
     for cell_id, info in known.items():
         cell_dir = out / "cells" / cell_id
         row = dict(info)
-        row["done"] = _epochs_done(cell_dir)
+        row["done"] = epochs_done(cell_dir)
         who = _holder(cell_dir / "lock")
         result, trouble = _row_state(cell_dir / "result.json")
         checkpoint = cell_dir / "checkpoint.pt"

@@ -72,11 +72,11 @@ def cell_epochs(cell: Cell) -> int:
     return cell.recipe.epochs + max([e for e in init if isinstance(e, int)], default=0)
 
 
-def _epochs_done(cell_dir: Path) -> int:
-    """The epochs in the cell's ``metrics.jsonl`` (0 where it cannot be read)."""
+def epochs_done(cell_dir: Path) -> int:
+    """The lines of the cell's ``metrics.jsonl`` (one per epoch); 0 when it cannot be read."""
     try:
         return len((cell_dir / "metrics.jsonl").read_bytes().splitlines())
-    except OSError:
+    except OSError:  # missing, a folder, or not ours to read
         return 0
 
 
@@ -131,7 +131,7 @@ class GridProgress:
             if row is not None:
                 self.statuses[i] = row["status"]
             else:
-                done = _epochs_done(out / "cells" / cell.cell_id)
+                done = epochs_done(out / "cells" / cell.cell_id)
                 self.epochs_left[i] = max(cell_epochs(cell) - done, 0)
                 self.teacher_files[i] = teacher_file(cell)
         self.cell_pace, self.teacher_pace = _Pace(), _Pace()

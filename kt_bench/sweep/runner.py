@@ -241,7 +241,7 @@ def _train_built(cells: list[Cell], built: dict[int, Method], dirs: list[Path],
     label = f"{cell.dataset.label} {cell.teacher.label}->{cell.student.label} seed {cell.seed}"
     epochs = [total_epochs(m, cell.recipe.epochs) for m in built.values()]
     clock = EpochClock()
-    hooks = [clock, *standard_hooks(accelerator, label, len(built), max(epochs),
+    hooks = [clock, *standard_hooks(accelerator, label, max(epochs),
                                     tracking=runs.hook(list(built)) if runs else None)]
     if accelerator.is_main_process:
         hooks.append(EpochLines(label, [cells[i].method for i in built], epochs, clock, say))

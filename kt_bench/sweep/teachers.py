@@ -182,7 +182,7 @@ def _training_hooks(cell: Cell, accelerator: Accelerator, path: Path) -> list[Tr
     epochs = cell.teacher_recipe.epochs
     label = teacher_label(cell)
     clock = EpochClock()
-    hooks: list[TrainingHooks] = [clock, *standard_hooks(accelerator, label, 1, epochs)]
+    hooks: list[TrainingHooks] = [clock, *standard_hooks(accelerator, label, epochs)]
     grid = progress.active()
     if accelerator.is_main_process and grid is not None:
         facts = {"teacher": cell.teacher.label, "dataset": cell.dataset.label,

@@ -228,8 +228,7 @@ def _result(record: Mapping[str, Any]) -> str:
     return f"{record['top1']:.1f}% (loss {record['loss']:.3g}{stage})"
 
 
-def standard_hooks(accelerator, desc: str = "", students: int = 1,
-                   epochs: int | None = None,
+def standard_hooks(accelerator, desc: str = "", epochs: int | None = None,
                    tracking: TrainingHooks | None = None) -> list[TrainingHooks]:
     """The hooks of a run from the command line: a progress bar of ``epochs`` epochs on the
     local main process (on a terminal), the start-up clock, and ``tracking``, the hook of the
