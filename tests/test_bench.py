@@ -1,12 +1,14 @@
-"""kt-bench bench: it measures all three loops and the bare-model limit in each precision and
+"""kt-bench bench: it measures every loop and the bare-model limits in each precision and
 reports consistent ratios (no timing asserts: speed is for the bench's output, not for
-tests)."""
+tests); the fused cohort or why it was not measured; the demo's setting on the digits."""
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
+from torch import nn
 
 from kt_bench.api.method import (
     MAIN,
@@ -19,15 +21,27 @@ from kt_bench.api.method import (
 )
 from kt_bench.bench.speed import (
     BenchConfig,
+    bench_data,
+    crop_flip_of,
     expand_methods,
+    fitted_steps,
     format_result,
+    fused_cohort_times,
     nst_timing,
     plain_loop,
     random_cifar,
     run_bench,
 )
+from kt_bench.commands.bench import parse_spec
 from kt_bench.commands.main import main
+from kt_bench.core.options import Spec
+from kt_bench.data.bundle import DataBundle, load_dataset
+from kt_bench.models import build_model, register_model
 from kt_bench.training.device import make_accelerator
+
+#: Every figure of (d), the fused cohort.
+FUSED_KEYS = ("fused_ips", "fused_peak_mem_mb", "fused_vs_cohort", "fused_vs_plain",
+              "fused_of_limit", "fused_of_fused_limit", "bare_fused_ips", "bare_fused_step_ms")
 
 
 def test_bench_reports_every_figure_and_consistent_ratios():
@@ -61,29 +75,202 @@ def test_bench_reports_every_figure_and_consistent_ratios():
         cohort_ms = 3 * r["images_per_epoch"] / run["cohort_ips"] * 1000 / 2
         assert run["cohort_of_limit"] == pytest.approx(limit_cohort_ms / cohort_ms)
         assert run["bare_ips"] == pytest.approx(3 * 16 / limit_solo_ms * 1000)
-    assert r["runs"]["bf16"]["solo_vs_fp32"] == pytest.approx(
-        r["runs"]["bf16"]["solo_ips"] / r["runs"]["fp32"]["solo_ips"])
+        # (d): against (c), against (c)'s limit, and against its own: one teacher forward
+        # and one fused bare step of all three students
+        assert run["fused_why"] is None
+        for key in FUSED_KEYS:
+            assert math.isfinite(run[key]) and run[key] > 0, key
+        assert run["fused_vs_cohort"] == pytest.approx(run["fused_ips"] / run["cohort_ips"])
+        assert run["fused_vs_plain"] == pytest.approx(run["fused_ips"] / run["plain_ips"])
+        fused_ms = 3 * r["images_per_epoch"] / run["fused_ips"] * 1000 / 2
+        assert run["fused_of_limit"] == pytest.approx(limit_cohort_ms / fused_ms)
+        limit_fused_ms = run["bare_fused_step_ms"] + teach
+        assert run["bare_fused_ips"] == pytest.approx(3 * 16 / limit_fused_ms * 1000)
+        assert run["fused_of_fused_limit"] == pytest.approx(limit_fused_ms / fused_ms)
+        assert run["peak_mem_mb"] >= run["fused_peak_mem_mb"]
+    bf16, fp32 = r["runs"]["bf16"], r["runs"]["fp32"]
+    assert bf16["solo_vs_fp32"] == pytest.approx(bf16["solo_ips"] / fp32["solo_ips"])
+    assert bf16["fused_vs_fp32"] == pytest.approx(bf16["fused_ips"] / fp32["fused_ips"])
     assert r["images_per_epoch"] == 32 and r["methods"] == ["student", "kd", "at"]
+    assert r["dataset"] == "random CIFAR" and r["image_shape"] == [3, 32, 32]
     text = format_result(r)
     assert "fp32:" in text and "bf16:" in text and "of the limit" in text
+    assert text.count("(d) kt-bench fused cohort") == 2
+    assert text.count("bare models (limit, fused cohort)") == 2
+    assert f"fused cohort vs cohort: {bf16['fused_vs_cohort']:.2f}x" in text
+    assert f"fused cohort {bf16['fused_vs_fp32']:.2f}x" in text  # in the bf16 vs fp32 line
 
 
-def test_bench_json_and_bad_input(capsys):
-    assert main(["bench", "--teacher", "resnet8", "--student", "resnet8", "--methods", "kd",
-                 "--batch-size", "8", "--steps", "2", "--repeats", "1", "--workers", "0",
-                 "--device", "cpu", "--precision", "no", "--no-nst", "--no-startup",
-                 "--json"]) == 0
+#: A command line of a bench that runs in seconds on the CPU (methods to add).
+TINY_ARGS = ["bench", "--teacher", "resnet8", "--student", "resnet8", "--batch-size", "8",
+             "--steps", "2", "--repeats", "1", "--warmup", "0", "--workers", "0",
+             "--device", "cpu", "--precision", "no", "--no-nst", "--no-startup", "--json"]
+
+
+def test_bench_json_and_bad_input(capsys, monkeypatch):
+    assert main([*TINY_ARGS, "--methods", "kd"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert list(out["runs"]) == ["fp32"]
+    run = out["runs"]["fp32"]
     assert {"plain_ips", "solo_ips", "cohort_ips", "solo_vs_plain", "cohort_vs_solo",
-            "peak_mem_mb", "bare_ips", "solo_of_limit", "cohort_of_limit"} <= set(
-        out["runs"]["fp32"])
+            "peak_mem_mb", "bare_ips", "solo_of_limit", "cohort_of_limit"} <= set(run)
+    # one student has nothing to be fused with: (d)'s figures are None, with the reason
+    assert run["fused_why"] == "fusion needs two or more methods"
+    assert all(run[key] is None for key in FUSED_KEYS)
     assert main(["bench", "--methods", "kd,nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
-    assert main(["bench", "--dataset", "digits", "--no-nst"]) == 2
-    assert "bench --dataset needs an image dataset held as uint8" in capsys.readouterr().err
+    # a dataset streamed from disk (imagefolder, hf, imagenet) is not one the bench takes
+    monkeypatch.setattr("kt_bench.bench.speed.load_dataset", lambda spec: DataBundle())
+    assert main([*TINY_ARGS, "--dataset", "synthetic", "--methods", "kd"]) == 2
+    assert ("bench --dataset needs an image dataset held in memory (cifar10, cifar100, "
+            "digits, synthetic), not 'synthetic'") in capsys.readouterr().err
     assert main(["bench", "--precision", "fp32"]) == 2
     assert "unknown precision 'fp32'" in capsys.readouterr().err
+
+
+def test_bench_json_carries_the_fused_cohort_and_no_fused_leaves_it_out(capsys):
+    assert main([*TINY_ARGS, "--methods", "student,kd"]) == 0
+    run = json.loads(capsys.readouterr().out)["runs"]["fp32"]
+    assert run["fused_why"] is None
+    for key in FUSED_KEYS:
+        assert math.isfinite(run[key]) and run[key] > 0, key
+    assert run["fused_vs_cohort"] == pytest.approx(run["fused_ips"] / run["cohort_ips"])
+    assert main([*TINY_ARGS, "--methods", "student,kd", "--no-fused"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    run = out["runs"]["fp32"]
+    assert run["cohort_ips"] > 0
+    assert not {*FUSED_KEYS, "fused_why"} & set(run)
+    text = format_result(out)  # the text the command prints without --json
+    assert "(c) kt-bench cohort" in text and "fused" not in text
+
+
+@register_model("bench_layernorm_net")
+class LayerNormNet(nn.Module):
+    """A student kt-bench cannot fuse: its LayerNorm has weights and no fused form."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, num_classes)
+        self.tap_map = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.conv(x).mean((2, 3))))
+
+
+def test_fused_cohort_refused_under_compile_trains_nothing():
+    seen: dict = {}
+    _register_probe(seen)
+    cfg = _tiny(("student", "probe"), compile=True)
+    accelerator = make_accelerator("cpu", "no")
+    teacher = build_model("resnet8", 10)
+    times, why = fused_cohort_times(cfg, random_cifar(8), accelerator, teacher)
+    assert times is None and why == "fusion does not run compiled networks"
+    assert seen["batches"] == []  # refused before any training
+
+
+def test_students_that_cannot_be_fused_leave_the_fused_figures_none_with_the_reason():
+    r = run_bench(_tiny(("student", "kd"), student="bench_layernorm_net"))
+    run = r["runs"]["fp32"]
+    assert run["cohort_ips"] > 0  # (c) trained as ever
+    # the line the engine logged when it trained them unfused
+    assert "cannot be fused" in run["fused_why"]
+    assert "layer 'norm' (LayerNorm) has tensors of its own" in run["fused_why"]
+    assert all(run[key] is None for key in FUSED_KEYS)
+    text = format_result(r)
+    assert f"(d) fused cohort: not measured: {run['fused_why']}" in text
+    assert "(d) kt-bench fused cohort" not in text and "fused cohort vs" not in text
+
+
+def test_demo_times_the_demo_setting_on_the_digits(capsys):
+    assert main(["bench", "--demo", "--methods", "student,kd", "--steps", "2", "--repeats", "1",
+                 "--warmup", "0", "--workers", "1", "--device", "cpu", "--precision", "no",
+                 "--no-nst", "--no-startup", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["teacher"], out["student"]) == ("resnet20", "resnet8(width=0.5)")
+    assert out["dataset"] == "digits(image_size=16)" and out["image_shape"] == [1, 16, 16]
+    assert out["methods"] == ["student", "kd"] and out["batch_size"] == 64
+    assert out["images_per_epoch"] == 128
+    run = out["runs"]["fp32"]
+    for key in ("plain_ips", "solo_ips", "cohort_ips", "bare_ips", *FUSED_KEYS):
+        assert math.isfinite(run[key]) and run[key] > 0, key
+
+
+def test_demo_flags_replace_its_parts_and_keep_the_rest():
+    from kt_bench.commands.bench import bench_config
+    from kt_bench.commands.main import build_parser
+
+    args = build_parser(["bench"]).parse_args(
+        ["bench", "--demo", "--student", "resnet14:width=0.25", "--batch-size", "32",
+         "--no-fused", "--precision", "no", "--device", "cpu"])
+    cfg = bench_config(args)
+    assert cfg.teacher == Spec("resnet20") and cfg.student == Spec("resnet14", {"width": 0.25})
+    assert cfg.dataset == Spec("digits", {"image_size": 16}) and cfg.batch_size == 32
+    assert cfg.methods == ("student", "kd", "fitnet", "at", "nst_linear", "nst_poly",
+                           "nst_gauss", "kd+nst_poly")
+    assert cfg.fused is False and cfg.precisions == ("no",)
+    plain = bench_config(build_parser(["bench"]).parse_args(["bench", "--device", "cpu"]))
+    assert (plain.teacher, plain.student, plain.dataset) == (Spec("resnet56"),
+                                                             Spec("resnet20"), None)
+    assert plain.fused is True and plain.batch_size == 64
+
+
+def test_the_bench_takes_the_whole_batches_a_small_dataset_holds():
+    cfg = BenchConfig(dataset=Spec("digits", {"image_size": 16}), batch_size=64, steps=30)
+    data = bench_data(cfg)
+    assert data.n_train == 22 * 64  # the digits hold 1438 training images
+    assert fitted_steps(cfg, data).steps == 22
+    short = dataclasses.replace(cfg, steps=10)
+    assert bench_data(short).n_train == 640 and fitted_steps(short, data) is short
+
+
+def test_plain_loop_crops_float_images_per_image_as_the_dataset_augments():
+    digits = load_dataset(Spec("digits", {"image_size": 16}))
+    assert crop_flip_of(digits) == (2, False)  # a shift of up to 1/8 of the side, no flip
+    assert crop_flip_of(random_cifar(8)) == (4, True)
+    assert crop_flip_of(load_dataset("synthetic")) == (0, False)  # no augmentation
+    from kt_bench.bench.speed import _FloatDataset
+
+    served = _FloatDataset(digits)
+    torch.manual_seed(0)
+    offsets = set()
+    for i in range(20):
+        x, label, index = served[i]
+        assert x.shape == (1, 16, 16) and label == digits.train.labels[i] and index == i
+        padded = torch.nn.functional.pad(digits.train.images[i], (2, 2, 2, 2))
+        found = [(t, left) for t in range(5) for left in range(5)
+                 if torch.equal(x, padded[:, t:t + 16, left:left + 16])]
+        assert found, i  # a crop of the zero-padded image, never flipped
+        offsets.update(found)
+    assert len(offsets) > 1  # the crops differ from image to image
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("resnet8", Spec("resnet8")),
+    ("resnet8:width=0.5", Spec("resnet8", {"width": 0.5})),
+    ("timm:resnet18", Spec("timm:resnet18")),
+    ("timm:resnet18:pretrained=false,drop_rate=0.1",
+     Spec("timm:resnet18", {"drop_rate": 0.1, "pretrained": False})),
+    ("digits:image_size=16,augment=true", Spec("digits", {"augment": True, "image_size": 16})),
+])
+def test_a_model_or_dataset_flag_takes_options(text, spec):
+    assert parse_spec(text, "--student") == spec
+
+
+@pytest.mark.parametrize("text", ["resnet8:", "resnet8:width=", "resnet8:=0.5", ":width=0.5",
+                                  "resnet8:width=1,width=2", "resnet8:width=0.5,", "a::b"])
+def test_a_bad_spec_form_is_a_one_line_error(capsys, text):
+    assert main(["bench", "--student", text]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"kt-bench: error: --student: expected NAME or "
+                   f"NAME:OPTION=VALUE[,OPTION=VALUE...], got {text!r}\n")
+
+
+def test_a_bad_model_option_is_refused_before_anything_runs(capsys):
+    assert main(["bench", "--student", "resnet8:widht=0.5"]) == 2
+    assert capsys.readouterr().err == ("kt-bench: error: unknown option 'widht' for --student "
+                                       "resnet8; accepted: width\n")
 
 
 @pytest.mark.slow  # 15-50 s on 2 cores: in `pytest -m slow`, not the default run

@@ -176,7 +176,9 @@ def test_cohort_rows_equal_solo_rows(tmp_path, capsys):
                "kd+nst_poly")
     grid = write_tiny_grid(tmp_path, methods=methods, seeds=(0, 1))
     outs = {}
-    for name, extra in (("cohort", []), ("solo", ["--no-cohort"])):
+    # unfused (--no-fuse) cohorts give the solo rows bit for bit; a fused one matches them to
+    # rounding only (tests/test_fusion.py)
+    for name, extra in (("cohort", ["--no-fuse"]), ("solo", ["--no-cohort"])):
         outs[name] = tmp_path / name
         assert main(["run", "--grid", str(grid), "--out", str(outs[name]), "--no-report",
                      *extra]) == 0
@@ -184,4 +186,27 @@ def test_cohort_rows_equal_solo_rows(tmp_path, capsys):
     assert all("in a cohort of 8" in log for log in logs) and len(logs) == 16
     a, b = (pd.read_csv(outs[n] / "results.csv").drop(columns=TIMING).sort_values("cell_id")
             .reset_index(drop=True) for n in ("cohort", "solo"))
+    assert not a["fused"].any()
     pd.testing.assert_frame_equal(a, b)
+    assert not (outs["cohort"] / "fusion.json").exists()  # nothing measured with --no-fuse
+
+
+def test_fusion_is_chosen_by_a_measurement_kept_in_the_run_folder(tmp_path, capsys):
+    grid = write_tiny_grid(tmp_path, methods=("student", "kd", "at"), seeds=(0, 1))
+    out = tmp_path / "out"
+    assert main(["run", "--grid", str(grid), "--out", str(out), "--no-report"]) == 0
+    (choice,) = json.loads((out / "fusion.json").read_text()).values()
+    assert choice["unfused_s"] > 0 and choice["fused_s"] > 0
+    assert choice["fuse"] == (choice["fused_s"] <= 0.95 * choice["unfused_s"])
+    rows = pd.read_csv(out / "results.csv")
+    assert (rows["fused"] == choice["fuse"]).all()
+    assert capsys.readouterr().out.count("fusion: a bare step of 3 students") == 1  # once
+    # a later run of the same kind of cohort reads the choice instead of measuring again
+    choice["fuse"] = not choice["fuse"]
+    (out / "fusion.json").write_text(json.dumps({next(iter(json.loads(
+        (out / "fusion.json").read_text()))): choice}))
+    assert main(["run", "--grid", str(grid), "--out", str(out), "--no-report", "--seeds", "2"]
+                ) == 0
+    assert "fusion: a bare step" not in capsys.readouterr().out
+    rows = pd.read_csv(out / "results.csv")
+    assert (rows[rows["seed"] == 2]["fused"] == choice["fuse"]).all()

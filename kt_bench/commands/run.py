@@ -50,6 +50,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cohort", action="store_true",
                    help="train every cell alone (default: cells that differ only in "
                         "method train together, one teacher pass for all)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="train a cohort's students one by one (default: as one fused network "
+                        "where a measurement says it pays; rows then match the unfused ones "
+                        "to float rounding, not bit for bit)")
     p.add_argument("--compile", action="store_true",
                    help="run students and teacher through torch.compile (pays off on "
                         "long runs on a GPU; results match closely, not bit for bit)")
@@ -117,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The run's settings as the command line gives them (``--no-X`` flags as ``X``)."""
-    negated = {"cohort": "no_cohort", "report": "no_report", "wait": "no_wait"}
+    negated = {"cohort": "no_cohort", "fuse": "no_fuse", "report": "no_report",
+               "wait": "no_wait"}
     values = {name: (not getattr(args, negated[name]) if name in negated
                      else getattr(args, name)) for name in SETTING_NAMES}
     return RunSettings(**values, cli=True)

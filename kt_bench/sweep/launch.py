@@ -43,6 +43,7 @@ class JobSettings:
     compile: bool = False
     plugins: list[str] = field(default_factory=list)
     trackers: tuple[str, ...] = ()
+    fuse: bool = True
 
 
 class CellJob:
@@ -68,7 +69,8 @@ class CellJob:
         s = self.settings
         accelerator = make_accelerator(s.device, s.precision)
         return run_cells(self.cells, Path(s.out), accelerator, Path(s.teacher_cache),
-                         s.data_root, compile=s.compile, trackers=tuple(s.trackers))
+                         s.data_root, compile=s.compile, trackers=tuple(s.trackers),
+                         fuse=s.fuse)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Requeue this job as it is (its state is on disk, in the cells' checkpoints)."""

@@ -26,6 +26,7 @@ from kt_bench.data import load_dataset
 from kt_bench.data.bundle import DataBundle
 from kt_bench.sweep.cells import Cell
 from kt_bench.sweep.diagnostics import measure_cells, row_columns
+from kt_bench.sweep.fusion_choice import choose_fusion
 from kt_bench.sweep.progress import (
     CELL_PROGRESS,
     GridProgress,
@@ -92,7 +93,7 @@ def _row_for(cell: Cell, result: TrainResult | None, error: BaseException | None
     if error is None and result is not None:
         row.update(top1=result.top1, top5=result.top5, top1_best=result.top1_best,
                    wall_s=result.wall_s, images_per_s=result.images_per_s,
-                   step_s=result.step_s, status="ok",
+                   step_s=result.step_s, fused=result.fused_steps > 0, status="ok",
                    cohort_step_s=result.step_s if cohort_step_s is None else cohort_step_s,
                    error="", init_epochs=sum(h.get("stage") == "init" for h in result.history),
                    **result.facts, **row_columns(diagnostics))
@@ -171,7 +172,7 @@ def _epoch_logger(cell_dir: Path, epochs: int,
 
 def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
               data: DataBundle, compile: bool = False,
-              trackers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+              trackers: tuple[str, ...] = (), fuse: bool = True) -> list[dict[str, Any]]:
     """Train cells that differ only in method together (a cohort; one cell is a solo run)
     and return their rows. Their teacher comes first, from the cache if there.
 
@@ -185,6 +186,8 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     logged in each cell's log and raised again: the next run resumes from the checkpoints.
     ``compile`` runs the networks through ``torch.compile``. ``trackers`` (``--log-with``)
     each get a run per cell under ``<out>/tracking`` (:mod:`kt_bench.training.tracking`).
+    With ``fuse``, a cohort trains as one fused network where that pays
+    (:func:`~kt_bench.sweep.fusion_choice.choose_fusion`).
     """
     main = accelerator.is_main_process
     dirs = [out / "cells" / c.cell_id for c in cells]
@@ -201,7 +204,7 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
             CLOCK.mark("teacher")
             teacher_top1 = t_metrics["top1"]
             results = _train_built(cells, _build_methods(cells, errors), dirs, accelerator,
-                                   data, teacher, compile, runs)
+                                   data, teacher, compile, runs, fuse and not compile)
             # what each student took from the teacher (a failure here fails no cell)
             diagnostics = measure_cells(results, dirs, teacher, data, accelerator,
                                         cells[0].recipe.eval_batch_size)
@@ -232,9 +235,10 @@ def run_group(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
 
 def _train_built(cells: list[Cell], built: dict[int, Method], dirs: list[Path],
                  accelerator: Accelerator, data: DataBundle, teacher: torch.nn.Module | None,
-                 compile: bool, runs: CellRuns | None = None) -> dict[int, TrainResult]:
+                 compile: bool, runs: CellRuns | None = None,
+                 fuse: bool = False) -> dict[int, TrainResult]:
     """Train the ``built`` methods' students as one cohort, logging into the cells' tracker
-    ``runs``; their results by cell index."""
+    ``runs``, fused where ``fuse`` and it pays; their results by cell index."""
     if not built:
         return {}
     cell = cells[0]
@@ -245,15 +249,32 @@ def _train_built(cells: list[Cell], built: dict[int, Method], dirs: list[Path],
                                     tracking=runs.hook(list(built)) if runs else None)]
     if accelerator.is_main_process:
         hooks.append(EpochLines(label, [cells[i].method for i in built], epochs, clock, say))
+    main = accelerator.is_main_process
+    fused = fuse and choose_fusion(cell, data, len(built), accelerator, dirs[0].parent.parent,
+                                   say if main else _silent)
     trained = train_cohort(data, cell.student, list(built.values()), cell.recipe, cell.seed,
                            accelerator, teacher, [dirs[i] / "checkpoint.pt" for i in built],
                            [_epoch_logger(dirs[i], n, clock) for i, n in zip(built, epochs,
                                                                               strict=True)],
-                           compile, hooks)
+                           compile, hooks, fused,
+                           _cohort_log([dirs[i] for i in built]) if main else _silent)
     grid = active()
     if grid is not None:  # the pace of this cohort's epochs, for the grid's time left
         grid.measured_cells(trained[0].wall_s, sum(len(r.epoch_s) for r in trained))
     return dict(zip(built, trained, strict=True))
+
+
+def _cohort_log(dirs: list[Path]) -> Callable[[str], None]:
+    """A log of a cohort's training: each line on stdout and in every cell's log."""
+    def log(line: str) -> None:
+        say(f"kt-bench: {line}")
+        for cell_dir in dirs:
+            _log_quietly(cell_dir, line)
+    return log
+
+
+def _silent(line: str) -> None:
+    """A log that drops its lines (another process than the main one)."""
 
 
 def cohort_key(cell: Cell) -> str:
@@ -280,7 +301,8 @@ def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
               data_root: str | None = None,
               on_row: Callable[[int, dict[str, Any]], None] | None = None,
               poll_s: float = 2.0, cohort: bool = True,
-              compile: bool = False, trackers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+              compile: bool = False, trackers: tuple[str, ...] = (),
+              fuse: bool = True) -> list[dict[str, Any]]:
     """Run every cell not finished yet; return the rows of ``cells`` (old and new) in order.
 
     A cell whose row exists with status ok or diverged is skipped; a failed cell is run again.
@@ -289,7 +311,7 @@ def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
     With ``cohort``, cells that differ only in method train together (one teacher pass per
     batch for all of them). Each cell is locked while it runs: a cell another runner holds
     is left for later and waited for, so runners sharing ``out`` run every cell once.
-    ``compile`` and ``trackers``: see :func:`run_group`.
+    ``compile``, ``trackers`` and ``fuse``: see :func:`run_group`.
 
     The main process prints the grid's progress on stdout (see
     :class:`~kt_bench.sweep.progress.GridProgress`): at the start and after each cohort it
@@ -324,7 +346,7 @@ def run_cells(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_ca
                     if mine:
                         new, problem = _run_cells_now([c for _, c in mine], out, accelerator,
                                                       teacher_cache, data_root, datasets,
-                                                      compile, trackers)
+                                                      compile, trackers, fuse)
                         for (i, _), row in zip(mine, new, strict=True):
                             record(i, row)
                         if problem:
@@ -372,7 +394,8 @@ def _claim(group: list[tuple[int, Cell]], out: Path, accelerator: Accelerator):
 
 def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teacher_cache: Path,
                    data_root: str | None, datasets: dict[str, DataBundle],
-                   compile: bool, trackers: tuple[str, ...] = ()) -> tuple[list[dict], str | None]:
+                   compile: bool, trackers: tuple[str, ...] = (),
+                   fuse: bool = True) -> tuple[list[dict], str | None]:
     """Run ``cells`` (one cohort) and write their rows; a cohort that runs out of GPU memory
     is run again one cell at a time (each resuming from its checkpoint). Returns the rows and,
     if one could not be written, why (on every process)."""
@@ -386,7 +409,7 @@ def _run_cells_now(cells: list[Cell], out: Path, accelerator: Accelerator, teach
                  "error": first_line(exc)} for c in cells]
     else:
         rows = run_group(cells, out, accelerator, teacher_cache, datasets[key], compile,
-                         trackers)
+                         trackers, fuse)
         if len(cells) > 1 and any(r["status"] == "oom" for r in rows):
             torch.cuda.empty_cache()
             rows = [run_group([c], out, accelerator, teacher_cache, datasets[key], compile,

@@ -74,7 +74,25 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         except OSError as exc:
             raise UnwritableFileError(f"cannot write {previous_path(path)}: "
                                       f"{exc.strerror or first_line(exc)}") from None
-    atomic.torch_save(path, state)
+    atomic.torch_save(path, own_storage(state))
+
+
+def own_storage(state: Any) -> Any:
+    """``state`` with every tensor that views a larger storage copied out of it (a fused
+    cohort's student views its slice of the fused network's tensors), so that a checkpoint
+    holds each tensor's own values, not the storage around them: ``torch.save`` writes the
+    whole storage of a view."""
+    if isinstance(state, torch.Tensor):
+        whole = state.untyped_storage().nbytes()
+        return state.clone() if whole > state.numel() * state.element_size() else state
+    if isinstance(state, dict):
+        out = type(state)((k, own_storage(v)) for k, v in state.items())
+        if hasattr(state, "_metadata"):  # a state dict's layer versions
+            out._metadata = state._metadata
+        return out
+    if isinstance(state, list | tuple):
+        return type(state)(own_storage(v) for v in state)
+    return state
 
 
 def remove_checkpoint(path: Path) -> None:

@@ -12,6 +12,7 @@ loop reports while it runs, its caller's :mod:`~kt_bench.training.hooks`.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,9 +38,11 @@ from kt_bench.training.device import (
     compile_model,
     training_memory_format,
 )
+from kt_bench.training.fused_cohort import CohortFusion, FusionFailed
 from kt_bench.training.hooks import HookList, TrainingHooks
 from kt_bench.training.lifecycle import (
     EpochPlan,
+    StepLoss,
     TeacherTaps,
     Trainee,
     base_ce_weight,
@@ -79,6 +82,8 @@ class TrainResult:
     #: shared forward pass and evaluation not included) in this call, as ``wall_s`` is this
     #: call's: what a cohort member's share of the cohort's time is measured by.
     step_s: float = 0.0
+    #: Steps the student took in a fused group in this call (0: it trained unfused).
+    fused_steps: int = 0
 
     @property
     def top1(self) -> float:
@@ -159,6 +164,8 @@ class _Member:
     index: int = 0
     #: Seconds in the member's own steps (see :attr:`TrainResult.step_s`).
     step_s: float = 0.0
+    #: Steps taken in a fused group (see :attr:`TrainResult.fused_steps`).
+    fused_steps: int = 0
 
     @property
     def start_epoch(self) -> int:
@@ -308,6 +315,11 @@ def _step(p: _Planned, accelerator: Accelerator, x: torch.Tensor, batch,
     accelerator.backward(out.loss)
     p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
+    _record(p, out, hooks, global_step)
+
+
+def _record(p: _Planned, out: StepLoss, hooks: TrainingHooks, global_step: int) -> None:
+    """Add a step's loss and terms to the member's sums (on the device)."""
     values = {**out.terms, "loss": out.loss}
     for name, value in values.items():
         p.sums[name] = p.sums.get(name, 0) + value.detach().float()
@@ -315,14 +327,50 @@ def _step(p: _Planned, accelerator: Accelerator, x: torch.Tensor, batch,
         hooks.step_values(global_step, values)
 
 
+#: The :class:`StepTimer` key of a fused group's steps (shared out among its members).
+_FUSED = -1
+
+
+def _fused_step(fusion: CohortFusion, accelerator: Accelerator, x: torch.Tensor,
+                y: torch.Tensor, idx: torch.Tensor, step_seed: int, read: dict | None,
+                hooks: TrainingHooks, global_step: int, timer: StepTimer,
+                fused_steps: dict[int, int]) -> set[int]:
+    """The fused group's step, if there is one; the ``id`` of each member it stepped or
+    failed (the others step one by one). A failure of the fused passes ends fusion and
+    leaves the batch to the members' own steps."""
+    fusion.refresh()
+    grouped = fusion.grouped()
+    if not grouped:
+        return grouped
+    try:
+        with timer.timing(_FUSED):
+            stepped = fusion.group.step(accelerator, x, y, idx, step_seed, read)
+    except FusionFailed as exc:
+        for m in fusion.group.members:  # what the failed passes left behind
+            if m.error is None:
+                m.optimizer.zero_grad(set_to_none=True)
+        fusion.fail(exc)
+        return set()
+    for p, out in stepped:
+        _record(p, out, hooks, global_step)
+    for m in fusion.group.members:
+        fused_steps[m.index] = fused_steps.get(m.index, 0) + 1
+    for p, _ in stepped:
+        p.member.fused_steps += 1
+    return grouped
+
+
 def _run_epoch(planned: list[_Planned], data: DataBundle, epoch: int, seed: int,
                recipe: Recipe, accelerator: Accelerator, teacher: TeacherTaps | None,
-               hooks: TrainingHooks, steps: int) -> tuple[int, float]:
-    """One pass over the training data: the teacher once per batch, then every planned
-    student's step. The number of steps and the seconds they took."""
+               hooks: TrainingHooks, steps: int, fusion: CohortFusion) -> tuple[int, float]:
+    """One pass over the training data: the teacher once per batch, then the fused group's
+    step and every other planned student's own. The number of steps and the seconds they
+    took."""
     methods = [p.member.method for p in planned]
     world = accelerator.num_processes
     timer = StepTimer(accelerator.device)
+    fused_steps: dict[int, int] = {}  # member index -> steps taken in the fused group
+    fusion.plan(planned)
     n_steps, t0 = 0, time.perf_counter()
     for x, y, idx in data.train_batches(epoch, seed, recipe.batch_size, accelerator.device,
                                         accelerator.process_index, world, indices=True):
@@ -330,20 +378,29 @@ def _run_epoch(planned: list[_Planned], data: DataBundle, epoch: int, seed: int,
         read = teacher.read(x, methods, accelerator.autocast) if teacher else {}
         n_steps += 1
         step_seed = derived_seed(seed, 5, epoch, n_steps)
+        global_step = epoch * steps + n_steps
+        grouped = _fused_step(fusion, accelerator, x, y, idx, step_seed,
+                              read if teacher else None, hooks, global_step, timer,
+                              fused_steps)
         for p in planned:
+            if id(p.member) in grouped:
+                p.member.images += x.shape[0] * world
+                continue
             if p.member.error is not None:
                 continue
             try:
                 t_taps = TeacherTaps.of(p.member.method, read) if teacher else None
                 with timer.timing(p.member.index):
                     _step(p, accelerator, x, p.plan.batch(y, idx, step_seed), t_taps, hooks,
-                          epoch * steps + n_steps)
+                          global_step)
             except BaseException as exc:  # noqa: BLE001 - this student stops, the rest go on
                 p.member.fail(exc)
             p.member.images += x.shape[0] * world
         hooks.step()
-    for p in planned:
-        p.member.step_s += timer.seconds(p.member.index)
+    shares = sum(fused_steps.values())
+    for p in planned:  # a fused step's time is shared out among the members it stepped
+        fused = timer.seconds(_FUSED) * fused_steps.get(p.member.index, 0) / shares if shares else 0
+        p.member.step_s += timer.seconds(p.member.index) + fused
     return n_steps, time.perf_counter() - t0
 
 
@@ -405,6 +462,8 @@ def train_cohort(
     on_epoch: list[OnEpoch | None] | None = None,
     compile: bool = False,
     hooks: Sequence[TrainingHooks] = (),
+    fuse: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> list[TrainResult]:
     """Train one student per method, together, in one pass over the data: each batch is
     augmented once and goes through the teacher once, and every student takes its step.
@@ -419,6 +478,12 @@ def train_cohort(
     start-up clock, trackers). With ``compile``, the students' and the teacher's forward
     passes go through ``torch.compile`` (results then match an uncompiled run closely, not bit
     for bit).
+
+    With ``fuse``, the students in their main stage train as one fused network
+    (:mod:`~kt_bench.training.fused_cohort`): each result then matches the unfused one to
+    float rounding, not bit for bit, and a fused run resumed from its checkpoints continues
+    exactly. Fusion needs one process and no ``compile`` (else it is off), and students that
+    can be fused (:func:`fusion_refusal`); ``log`` hears why where it is off or ends.
     """
     started = time.perf_counter()
     hooks = HookList(hooks)
@@ -433,6 +498,12 @@ def train_cohort(
     first = min((m.start_epoch for m in healthy), default=0)
     last = max((total_epochs(m.method, recipe.epochs) for m in healthy), default=0)
     hooks.start(steps * max(last - first, 0))
+    log = log or _warn
+    why_not = fusion_refusal(accelerator, compile) if fuse else None
+    if why_not:
+        log(f"the students train one by one: {why_not}")
+    fusion = CohortFusion(fuse and not why_not, accelerator, data.probe() if fuse else None,
+                          log)
     try:
         # global epochs: a member's initialisation stage (if any), then the recipe's epochs;
         # the data order of each global epoch is shared by the cohort
@@ -441,14 +512,32 @@ def train_cohort(
             if not planned:
                 break
             n_steps, seconds = _run_epoch(planned, data, epoch, seed, recipe, accelerator,
-                                          taught, hooks, steps)
+                                          taught, hooks, steps, fusion)
             _close_epochs(planned, accelerator, data, recipe, epoch, n_steps, seconds, hooks,
                           steps)
     finally:
+        fusion.close()
         hooks.end()
         if taught is not None:
             taught.remove()
     return _results(members, accelerator, time.perf_counter() - started)
+
+
+def fusion_refusal(accelerator: Accelerator, compile: bool) -> str | None:
+    """Why a cohort on ``accelerator`` cannot train fused (None: it can): fusion needs one
+    process (data parallelism reduces each student's own gradients) and eager networks, and
+    fp16's loss scaling is per optimiser, not per fused network."""
+    if accelerator.num_processes > 1:
+        return "fusion needs one process"
+    if compile:
+        return "fusion does not run compiled networks"
+    if accelerator.mixed_precision == "fp16":
+        return "fusion does not run under fp16's loss scaling"
+    return None
+
+
+def _warn(line: str) -> None:
+    print(f"kt-bench: {line}", file=sys.stderr)
 
 
 def _results(members: list[_Member], accelerator: Accelerator, wall: float
@@ -457,7 +546,7 @@ def _results(members: list[_Member], accelerator: Accelerator, wall: float
     facts = [_facts(m) if m.trainee else {} for m in members]  # first: it may fail one
     return [TrainResult(accelerator.unwrap_model(m.trainee).student if m.trainee else None,
                         m.history, wall, m.train_s, m.images, m.epoch_s, m.error, f,
-                        m.step_s)
+                        m.step_s, m.fused_steps)
             for m, f in zip(members, facts, strict=True)]
 
 

@@ -26,7 +26,7 @@ from kt_bench.api.method import (
     Shapes,
 )
 from kt_bench.core.errors import KtBenchError
-from kt_bench.models.taps import TapRecorder
+from kt_bench.models.taps import LOGITS, TapRecorder
 
 #: Shapes of the given taps of one network: ``f(taps) -> {tap: shape}``.
 ShapesOf = Callable[[tuple[str, ...]], Shapes]
@@ -176,6 +176,19 @@ class StepLoss:
     logits: torch.Tensor
     terms: dict[str, torch.Tensor]
     loss: torch.Tensor
+
+
+def taps_loss(method: Method, taps: dict[str, torch.Tensor], teacher_taps: dict | None,
+              batch: Batch, plan: EpochPlan) -> StepLoss:
+    """The loss of ``plan`` on a student's ``taps`` (its logits among them), as
+    :func:`step_loss` computes it after the forward pass: for a student whose forward pass
+    ran elsewhere (a fused cohort's); a one-line error where ``batch`` lacks what the method
+    declares it reads."""
+    check_batch(method, batch)
+    logits = taps[LOGITS]
+    terms = method.terms(taps, teacher_taps, batch) if teacher_taps is not None else {}
+    return StepLoss(logits, terms,
+                    total_loss(logits, batch.labels, terms, plan.weights, plan.ce_weight))
 
 
 def step_loss(trainee: nn.Module, x: torch.Tensor, batch: Batch, teacher_taps: dict | None,

@@ -52,10 +52,11 @@ def run(grid: GridSource, **settings: Any) -> pd.DataFrame:
     dict shaped like a grid file's table (checked as a file is, errors naming ``<python>``).
 
     ``settings``: the flags of ``kt-bench run`` by their names in snake_case, with the same
-    defaults (``--no-cohort`` is ``cohort=False``, ``--no-report`` ``report=False``,
+    defaults (``--no-cohort`` is ``cohort=False``, ``--no-fuse`` ``fuse=False``,
+    ``--no-report`` ``report=False``,
     ``--no-wait`` ``wait=False``): ``out``, ``methods`` (a list or comma-separated text),
     ``epochs``, ``teacher_epochs``, ``seeds`` (a list, an integer or text), ``device``,
-    ``precision``, ``cohort``, ``compile``, ``teacher_cache``, ``data_root``, ``only``
+    ``precision``, ``cohort``, ``fuse``, ``compile``, ``teacher_cache``, ``data_root``, ``only``
     (``"key=value"``, a list of them or a dict), ``teacher_checkpoint``, ``teachers_dir``,
     ``dry_run``, ``log_with``, ``report``, ``correct``, ``launcher``, ``wait``, the
     ``[launcher]`` keys (``partition``, ``gpus_per_job``, ...) and ``plugins``; and

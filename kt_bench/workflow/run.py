@@ -320,7 +320,8 @@ def _run_here(settings: RunSettings, plan: _Plan, precision: str,
               flush=True)
     rows = run_cells(plan.cells, plan.out, accelerator, plan.teacher_cache, settings.data_root,
                      _row_printer(len(plan.cells)) if main else None,
-                     cohort=settings.cohort, compile=settings.compile, trackers=trackers)
+                     cohort=settings.cohort, compile=settings.compile, trackers=trackers,
+                     fuse=settings.fuse)
     if not main:
         return 0
     write_results_csv(plan.out)  # also when every cell was done before: never a stale file
@@ -366,7 +367,7 @@ def _run_as_jobs(settings: RunSettings, plan: _Plan, precision: str,
         str(plan.out.resolve()), str(plan.teacher_cache.resolve()),
         str(Path(settings.data_root).resolve()) if settings.data_root else None,
         settings.device, precision, settings.compile,
-        [str(Path(p).resolve()) for p in settings.plugins], trackers)
+        [str(Path(p).resolve()) for p in settings.plugins], trackers, settings.fuse)
     submitted = launch.submit_cells(plan.cells, settings.launcher, cfg, settings_of_jobs,
                                     cohort=settings.cohort)
     print(f"grid '{plan.grid.name}': {len(plan.cells)} cells, {submitted.done_before} already "

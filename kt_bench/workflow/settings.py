@@ -49,6 +49,8 @@ class RunSettings:
     device: str = _setting("auto", "text")
     precision: str = _setting("auto", "text")
     cohort: bool = _setting(True, "bool")
+    #: Whether a cohort's students train as one fused network where that is measured to pay.
+    fuse: bool = _setting(True, "bool")
     compile: bool = _setting(False, "bool")
     teacher_cache: str | None = _setting(None, "path")
     data_root: str | None = _setting(None, "path")
