@@ -209,7 +209,8 @@ def test_the_settings_are_the_run_flags_with_their_defaults():
     from kt_bench.commands.run import settings_from_args
 
     args = build_parser(["run"]).parse_args(["run", "--grid", "demo"])
-    negated = {"no_cohort": "cohort", "no_report": "report", "no_wait": "wait"}
+    negated = {"no_cohort": "cohort", "no_fuse": "fuse", "no_report": "report",
+               "no_wait": "wait"}
     flags = {negated.get(name, name) for name in vars(args)} - {"command", "grid"}
     assert flags == set(SETTING_NAMES)
     assert settings_from_args(args) == dataclasses.replace(RunSettings(), cli=True)

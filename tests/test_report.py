@@ -16,7 +16,7 @@ from kt_bench.reporting.report import (
     summarise,
 )
 
-from .conftest import write_tiny_grid
+from .conftest import run_cli, write_tiny_grid
 
 
 def _rows(values: dict[str, list[float]], seeds=None) -> pd.DataFrame:
@@ -181,3 +181,38 @@ def test_latex_escapes_the_comparison_signs_of_the_notes():
 
     # OT1, LaTeX's default font encoding, prints a bare > as an inverted question mark
     assert latex_escape("p > 0.05 & p < 1_0") == r"p $>$ 0.05 \& p $<$ 1\_0"
+
+
+def test_versus_fused_compares_a_fused_run_with_an_unfused_one_given_by_with_run(
+        tmp_path, capsys, monkeypatch):
+    from kt_bench.sweep import fusion_choice
+    from kt_bench.training.fusion_speed import FusionSpeed
+
+    # the measurement says fusion pays, whatever this machine would measure
+    monkeypatch.setattr(fusion_choice, "measure_fusion",
+                        lambda spec, data, batch, members, acc: FusionSpeed(members, 0.5, 1.0))
+    grid = write_tiny_grid(tmp_path, methods=("student", "kd"), seeds=(0, 1))
+    fused, unfused = tmp_path / "fused", tmp_path / "unfused"
+    assert main(["run", "--grid", str(grid), "--out", str(fused), "--no-report"]) == 0
+    assert main(["run", "--grid", str(grid), "--out", str(unfused), "--no-report",
+                 "--no-fuse"]) == 0
+    assert pd.read_csv(fused / "results.csv")["fused"].all()
+    assert not pd.read_csv(unfused / "results.csv")["fused"].any()
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "report", str(fused), "--versus", "fused=False",
+                             "--with-run", str(unfused))
+    assert code == 0, err
+    lines = (fused / "report" / "versus-fused.md").read_text().splitlines()
+    for method in ("student", "kd"):  # each paired over the two seeds
+        (line,) = [x for x in lines if f"| {method} " in x]
+        assert "| True " in line and "| 2 " in line
+    assert not (unfused / "report").exists()  # the other folder is only read
+
+
+def test_with_run_needs_versus_and_a_folder_of_rows(tmp_path, capsys, finished):
+    out = finished[1]
+    code, _, err = run_cli(capsys, "report", str(out), "--with-run", str(tmp_path))
+    assert code == 2 and "give --versus FIELD=REFERENCE too" in err
+    code, _, err = run_cli(capsys, "report", str(out), "--versus", "fused=False",
+                           "--with-run", str(tmp_path))
+    assert code == 2 and f"--with-run {tmp_path}: it holds no results" in err

@@ -58,6 +58,7 @@ from kt_bench.training.device import (
 )
 from kt_bench.training.engine import fusion_refusal, train, train_cohort
 from kt_bench.training.fusion import FusedStudents, NotFusable, fused_memory_format
+from kt_bench.training.fusion_speed import bare_students, fused_bare_step
 from kt_bench.training.hooks import ProgressBar
 from kt_bench.training.lifecycle import (
     TeacherTaps,
@@ -360,30 +361,14 @@ def bare_fused_times(cfg: BenchConfig, data: TensorData, accelerator, spec: Spec
     teacher's forward this is the limit of a fused cohort. A
     :class:`~kt_bench.training.fusion.NotFusable` where the students cannot be fused."""
     device = accelerator.device
-    torch.manual_seed(0)
-    students = [build_model(spec, data.num_classes, data.in_channels, data.image_size)
-                for _ in range(members)]
-    layout = training_memory_format(students[0], device)  # as the engine builds them
-    students = [s.to(device, memory_format=layout).train() for s in students]
-    opts = [torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-            for s in students]
+    students, _, opts = bare_students(spec, data, members, device)
     fused_layout = fused_memory_format(students, device)
     fused = FusedStudents(students, (), fused_layout)
+    step = fused_bare_step(fused, fused_layout, opts, accelerator)
     labels = data.train.labels[:cfg.batch_size].to(device)
-
-    def step(x: torch.Tensor) -> None:
-        y = labels[:x.shape[0]]
-        with accelerator.autocast():
-            taps = fused.forward(in_layout(x, fused_layout))
-            loss = sum(F.cross_entropy(t["logits"].float(), y) for t in taps)
-        loss.backward()
-        fused.share_grads()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
     try:
-        return _epoch_times(cfg, data, device, step, prepare=True)
+        return _epoch_times(cfg, data, device, lambda x: step(x, labels[:x.shape[0]]),
+                            prepare=True)
     finally:
         fused.release()
 

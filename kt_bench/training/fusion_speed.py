@@ -7,15 +7,18 @@ from the device's name."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from torch import nn
 
 from kt_bench.core.options import Spec
 from kt_bench.data.bundle import DataBundle
 from kt_bench.models import build_model
+from kt_bench.models.taps import LOGITS
 from kt_bench.training.device import sync_device, training_memory_format
 from kt_bench.training.fusion import (
     FusedStudents,
@@ -57,14 +60,9 @@ def measure_fusion(student: Spec, data: DataBundle, batch_size: int, members: in
     ``members`` students of ``student`` on a batch of ``batch_size`` of ``data``'s shape,
     fused and one by one, under the accelerator's autocast; the fastest step of each."""
     device = accelerator.device
-    torch.manual_seed(0)
-    students = [build_model(student, data.num_classes, data.in_channels, data.image_size)
-                for _ in range(members)]
-    layout = training_memory_format(students[0], device)
-    students = [s.to(device, memory_format=layout).train() for s in students]
+    students, layout, opts = bare_students(student, data, members, device)
     x = data.probe(1).to(device).expand(batch_size, -1, -1, -1).contiguous()
     y = torch.arange(batch_size, device=device) % data.num_classes
-    opts = [torch.optim.SGD(s.parameters(), lr=1e-3, momentum=0.9) for s in students]
 
     def one_by_one() -> None:
         for s, opt in zip(students, opts, strict=True):
@@ -81,21 +79,46 @@ def measure_fusion(student: Spec, data: DataBundle, batch_size: int, members: in
         fused = FusedStudents(students, (), fused_layout)
     except NotFusable as exc:
         return FusionSpeed(members, None, unfused, str(exc))
+    step = fused_bare_step(fused, fused_layout, opts, accelerator)
+    try:
+        return FusionSpeed(members, _fastest(lambda: step(x, y), steps, warmup, device),
+                           unfused)
+    finally:
+        fused.release()
 
-    def together() -> None:
+
+def bare_students(student: Spec, data: DataBundle, members: int, device: torch.device
+                  ) -> tuple[list[nn.Module], torch.memory_format, list[torch.optim.SGD]]:
+    """``members`` freshly built students of ``student`` for ``data`` on ``device`` in the
+    layout the engine trains them in, in training mode, each with an SGD optimiser."""
+    torch.manual_seed(0)
+    students = [build_model(student, data.num_classes, data.in_channels, data.image_size)
+                for _ in range(members)]
+    layout = training_memory_format(students[0], device)
+    students = [s.to(device, memory_format=layout).train() for s in students]
+    opts = [torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+            for s in students]
+    return students, layout, opts
+
+
+def fused_bare_step(fused: FusedStudents, layout: torch.memory_format,
+                    optimizers: Sequence[torch.optim.Optimizer], accelerator: Accelerator
+                    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """``step(x, y)``: the fused students' bare training step on images ``x`` and labels
+    ``y``: one forward pass, the sum of the members' cross-entropies, one backward pass, each
+    member's optimiser on its slice of the gradients; under the accelerator's autocast."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with accelerator.autocast():
-            taps = fused.forward(in_layout(x, fused_layout))
-            loss = sum(F.cross_entropy(t["logits"].float(), y) for t in taps)
+            taps = fused.forward(in_layout(x, layout))
+            loss = sum(F.cross_entropy(t[LOGITS].float(), y) for t in taps)
         loss.backward()
         fused.share_grads()
-        for opt in opts:
+        for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    try:
-        return FusionSpeed(members, _fastest(together, steps, warmup, device), unfused)
-    finally:
-        fused.release()
+    return step
 
 
 def _fastest(step, steps: int, warmup: int, device: torch.device) -> float:

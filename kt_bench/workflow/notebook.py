@@ -91,9 +91,11 @@ def grid_rows(out: Path, cells: list[Cell]) -> pd.DataFrame:
 
 
 def report(folder: str | os.PathLike, *, versus: str | None = None,
-           correct: str = CORRECTIONS[0], quiet: bool = False) -> pd.DataFrame:
+           with_run: str | os.PathLike | None = None, correct: str = CORRECTIONS[0],
+           quiet: bool = False) -> pd.DataFrame:
     """Write the tables, plots and ``report.md`` of run folder ``folder`` as
-    ``kt-bench report`` does (``versus``: its ``--versus FIELD=REFERENCE``; ``correct``: its
+    ``kt-bench report`` does (``versus``: its ``--versus FIELD=REFERENCE``; ``with_run``: its
+    ``--with-run DIR``, another run folder's rows to compare with; ``correct``: its
     ``--correct``, ``"holm"``, ``"bh"`` or ``"none"``) and return the comparison table: one
     line per configuration (dataset, teacher, student, method and options) with its seeds,
     mean top-1 and its std, the paired change against ``student`` (``delta`` with its
@@ -107,12 +109,16 @@ def report(folder: str | os.PathLike, *, versus: str | None = None,
     if versus is not None and not isinstance(versus, str):
         raise KtBenchError(f"{who}: versus = {versus!r} is invalid; accepted: "
                            "'FIELD=REFERENCE', e.g. 'precision=no'")
+    if with_run is not None and not isinstance(with_run, (str, os.PathLike)):
+        raise KtBenchError(f"{who}: with_run = {with_run!r} is invalid; accepted: a path (str "
+                           "or os.PathLike)")
     check_correction(correct, f"{who}: correct =")
     from kt_bench.commands import report as command  # the command itself, not a copy of it
     from kt_bench.commands.main import build_parser
     from kt_bench.reporting import writer  # here: it loads matplotlib
 
     argv = ["report", *([f"--versus={versus}"] if versus is not None else []),
+            *([f"--with-run={os.fspath(with_run)}"] if with_run is not None else []),
             f"--correct={correct}", "--", os.fspath(folder)]
     with _quiet(_check_quiet(quiet, who)):
         command.run(build_parser(["report"]).parse_args(argv))
