@@ -79,6 +79,15 @@ def write_tiny_grid(folder: Path, methods=("student", "kd"), seeds=(0,), epochs=
     return path
 
 
+def share_fusion_choice(src: Path, dst: Path) -> None:
+    """Give run folder ``dst`` the fusion choices run folder ``src`` measured, so that two
+    runs compared row for row train their cohorts the same way (fused and unfused rows agree
+    to float rounding only, and each folder measures for itself)."""
+    if (src / "fusion.json").exists():
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / "fusion.json", dst / "fusion.json")
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """``kt-bench argv`` in this process: the exit code, stdout and stderr (never a
     traceback)."""

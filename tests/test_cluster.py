@@ -28,6 +28,8 @@ from kt_bench.training.device import make_accelerator, training_memory_format
 from kt_bench.training.engine import train
 from kt_bench.training.lifecycle import in_layout
 
+from .conftest import share_fusion_choice
+
 pytest.importorskip("submitit")
 
 DIGITS = Spec("digits", {"image_size": 16})  # as the demo grid holds them
@@ -133,6 +135,7 @@ def test_the_demo_grid_through_the_local_launcher_gives_the_plain_rows(tmp_path,
     plain, jobs = tmp_path / "plain", tmp_path / "jobs"
     assert main(_demo_args(teacher_ckpt, plain, "--epochs", "1")) == 0
     capsys.readouterr()
+    share_fusion_choice(plain, jobs)
     assert main(_demo_args(teacher_ckpt, jobs, "--epochs", "1", "--launcher", "local")) == 0
     out = capsys.readouterr().out
     assert "submitted 1 local job(s)" in out and "nst_gauss" in out

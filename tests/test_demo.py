@@ -5,6 +5,8 @@ import pytest
 
 from kt_bench.commands.main import main
 
+from .conftest import share_fusion_choice
+
 DEMO_METHODS = ["student", "kd", "fitnet", "at", "nst_linear", "nst_poly", "nst_gauss",
                 "kd+nst_poly"]
 
@@ -32,6 +34,7 @@ def test_full_demo_grid_through_the_local_launcher_equals_the_plain_run(tmp_path
     plain, jobs = tmp_path / "plain", tmp_path / "jobs"
     assert main(["run", "--grid", "demo", "--device", "cpu", "--no-report",
                  "--out", str(plain)]) == 0
+    share_fusion_choice(plain, jobs)
     assert main(["run", "--grid", "demo", "--device", "cpu", "--no-report", "--launcher",
                  "local", "--out", str(jobs)]) == 0
     a = pd.read_csv(plain / "results.csv").sort_values("cell_id").reset_index(drop=True)

@@ -28,7 +28,7 @@ from kt_bench.core.interrupts import (
 )
 from kt_bench.training.checkpoints import load_plain
 
-from .conftest import SLOW_PLUGIN, rows_by_method, write_tiny_grid
+from .conftest import SLOW_PLUGIN, rows_by_method, share_fusion_choice, write_tiny_grid
 
 EXITING_PLUGINS = '''
 import sys
@@ -99,8 +99,10 @@ def test_a_plugin_that_calls_sys_exit_fails_its_own_cell_and_the_rest_go_on(tmp_
     plugins = _plugins(tmp_path, "exits", EXITING_PLUGINS)
     grid = write_tiny_grid(tmp_path, methods=("student", "kd", *EXITS))
     out = tmp_path / "out"
+    # unfused: a fused group that loses members mid-run matches the smaller cohort to
+    # rounding only (tests/test_fusion.py); unfused it matches it bit for bit
     code = main(["run", "--grid", str(grid), "--out", str(out), "--no-report",
-                 "--plugins", str(plugins)])
+                 "--plugins", str(plugins), "--no-fuse"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert f"{len(EXITS)} cell(s) did not finish ok" in err
@@ -110,7 +112,7 @@ def test_a_plugin_that_calls_sys_exit_fails_its_own_cell_and_the_rest_go_on(tmp_
     # the others trained exactly as in a cohort without the exiting plugins
     clean = tmp_path / "clean"
     assert main(["run", "--grid", str(grid), "--out", str(clean), "--no-report",
-                 "--methods", "student,kd"]) == 0
+                 "--methods", "student,kd", "--no-fuse"]) == 0
     theirs = rows_by_method(clean).loc[["student", "kd"]]
     same = [c for c in theirs.columns if c not in (*TIMING, "error")]
     pd.testing.assert_frame_equal(rows.loc[["student", "kd"], same], theirs[same],
@@ -238,7 +240,7 @@ def slow_grid(tmp_path_factory):
     clean = folder / "clean"
     proc = _run(grid, clean, plugins)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return grid, plugins, _sorted_rows(clean)
+    return grid, plugins, _sorted_rows(clean), clean
 
 
 def _command(grid: Path, out: Path, plugins: Path) -> list[str]:
@@ -291,9 +293,10 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300.0) -> None
     ids=lambda s: signal.Signals(s).name)
 def test_a_stopped_run_keeps_what_is_done_says_one_line_and_resumes(slow_grid, tmp_path,
                                                                     signum):
-    grid, plugins, clean = slow_grid
+    grid, plugins, clean, clean_dir = slow_grid
     code, line, logged = STOPS[signum]
     out = tmp_path / "out"
+    share_fusion_choice(clean_dir, out)
     proc = subprocess.Popen(_command(grid, out, plugins), env=_env(), text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             preexec_fn=_default_sigint)

@@ -17,7 +17,7 @@ from kt_bench.commands.main import main
 from kt_bench.sweep.cells import expand
 from kt_bench.sweep.config import load_grid
 
-from .conftest import SLOW_PLUGIN, write_tiny_grid
+from .conftest import SLOW_PLUGIN, share_fusion_choice, write_tiny_grid
 
 TIMING = ["wall_s", "images_per_s", "diagnostics_s", "step_s", "cohort_step_s"]
 
@@ -85,6 +85,7 @@ def test_kill_9_mid_cell_then_rerun_equals_an_uninterrupted_run(slow_setup, tmp_
     assert log.count(" start ") == 2 and "resuming from checkpoint.pt" in log
 
     clean = tmp_path / "clean"
+    share_fusion_choice(out, clean)
     assert subprocess.run(_command(grid, clean, plugins), env=_env(),
                           capture_output=True).returncode == 0
     a = pd.read_csv(out / "results.csv").drop(columns=TIMING).sort_values("cell_id")
