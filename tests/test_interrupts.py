@@ -28,7 +28,7 @@ from kt_bench.core.interrupts import (
 )
 from kt_bench.training.checkpoints import load_plain
 
-from .conftest import SLOW_PLUGIN, rows_by_method, share_fusion_choice, write_tiny_grid
+from .conftest import SLOW_PLUGIN, rows_by_method, write_tiny_grid
 
 EXITING_PLUGINS = '''
 import sys
@@ -240,12 +240,14 @@ def slow_grid(tmp_path_factory):
     clean = folder / "clean"
     proc = _run(grid, clean, plugins)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return grid, plugins, _sorted_rows(clean), clean
+    return grid, plugins, _sorted_rows(clean)
 
 
 def _command(grid: Path, out: Path, plugins: Path) -> list[str]:
+    # unfused: these runs are compared with a run in another folder bit for bit (a fused
+    # cohort's resume is tested in tests/test_fusion.py)
     return [sys.executable, "-m", "kt_bench", "run", "--grid", str(grid), "--out", str(out),
-            "--plugins", str(plugins), "--no-report", "--device", "cpu"]
+            "--plugins", str(plugins), "--no-report", "--device", "cpu", "--no-fuse"]
 
 
 def _env() -> dict[str, str]:
@@ -293,10 +295,9 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300.0) -> None
     ids=lambda s: signal.Signals(s).name)
 def test_a_stopped_run_keeps_what_is_done_says_one_line_and_resumes(slow_grid, tmp_path,
                                                                     signum):
-    grid, plugins, clean, clean_dir = slow_grid
+    grid, plugins, clean = slow_grid
     code, line, logged = STOPS[signum]
     out = tmp_path / "out"
-    share_fusion_choice(clean_dir, out)
     proc = subprocess.Popen(_command(grid, out, plugins), env=_env(), text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             preexec_fn=_default_sigint)

@@ -91,9 +91,10 @@ def bare_students(student: Spec, data: DataBundle, members: int, device: torch.d
                   ) -> tuple[list[nn.Module], torch.memory_format, list[torch.optim.SGD]]:
     """``members`` freshly built students of ``student`` for ``data`` on ``device`` in the
     layout the engine trains them in, in training mode, each with an SGD optimiser."""
-    torch.manual_seed(0)
-    students = [build_model(student, data.num_classes, data.in_channels, data.image_size)
-                for _ in range(members)]
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(0)
+        students = [build_model(student, data.num_classes, data.in_channels, data.image_size)
+                    for _ in range(members)]
     layout = training_memory_format(students[0], device)
     students = [s.to(device, memory_format=layout).train() for s in students]
     opts = [torch.optim.SGD(s.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
