@@ -1,7 +1,8 @@
 """A cohort's students stepped as one fused network (:mod:`kt_bench.training.fusion`): one
 forward pass for all of them on the shared batch, each member's taps and logits sliced out
-for its own method's terms, one backward pass of the summed losses, then each member's own
-optimiser on its slice of the gradients.
+for its own method's terms, one backward pass of the summed losses, then one SGD step over the
+fused weights (:class:`FusedSGD`; each member's own optimiser on its slice of the gradients
+where their hyper-parameters differ).
 
 A member whose method raises leaves the group (the others go on, and the group is rebuilt
 without it before the next batch); a failure of the fused pass itself ends fusion for the
@@ -206,7 +207,7 @@ class FusedGroup:
 
 
 def _failed(exc: BaseException) -> FusionFailed:
-    if is_stop(exc) or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+    if is_stop(exc):  # an interrupt, an exit: the whole run stops
         raise exc
     return FusionFailed(first_line(exc))
 
@@ -232,7 +233,7 @@ class CohortFusion:
         """Fuse the members of ``planned`` (this epoch's) that may fuse."""
         wanted = [p for p in planned if p.member.error is None and p.plan.stage == MAIN]
         if (self.group is not None and self.group.healthy()
-                and [p.member for p in wanted] == self.group.members):
+                and [id(p.member) for p in wanted] == [id(m) for m in self.group.members]):
             self.group.planned = wanted  # this epoch's plans, the same students
             return
         self._build(wanted)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kt_bench.core.errors import KtBenchError
+from kt_bench.core.errors import KtBenchError, first_line
 from kt_bench.models.taps import LOGITS, TapRecorder
 from kt_bench.training.device import CPU_VECTOR_CHANNELS, ONEDNN_SAFE_CHANNELS
 
@@ -260,6 +260,9 @@ class FusedStudents:
         self._replace(dict(self.net.named_modules()))
         if memory_format is not None:
             self.net.to(memory_format=memory_format)
+        #: Each fused tensor with the members' tensors that view it and the function giving
+        #: member ``i``'s slice of it.
+        self._tensors = self._pair_tensors()
         self._bind()
         self.transforms = getattr(self.net, "tap_transforms", {})
         self.net.tap_transforms = {}  # the recorder keeps raw values; each member transforms
@@ -281,24 +284,27 @@ class FusedStudents:
             setattr(modules[parent] if parent else self.net, attr, fused)
             self._fused[name] = fused
 
+    def _pair_tensors(self) -> list[tuple[torch.Tensor, list[torch.Tensor], Callable]]:
+        out = []
+        for name, fused in self._fused.items():
+            for attr, rows in fused.slices().items():
+                whole = getattr(fused, attr)
+                if whole is not None:
+                    out.append((whole, [getattr(s.get_submodule(name), attr)
+                                        for s in self.students], rows))
+        return out
+
     def _bind(self) -> None:
         """Make every member's tensors views of its slice of the fused network's."""
-        for name, fused in self._fused.items():
-            for i, student in enumerate(self.students):
-                module = student.get_submodule(name)
-                for attr, rows in fused.slices().items():
-                    whole, own = getattr(fused, attr), getattr(module, attr)
-                    if whole is None:
-                        continue
-                    own.data = whole.data[rows(i)]
+        for whole, own, rows in self._tensors:
+            for i, t in enumerate(own):
+                t.data = whole.data[rows(i)]
 
     def release(self) -> None:
         """Give every member tensors of its own again (copies of its current values)."""
-        for name in self._fused:
-            for student in self.students:
-                module = student.get_submodule(name)
-                for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                    t.data = t.data.clone()
+        for _, own, _ in self._tensors:
+            for t in own:
+                t.data = t.data.clone()
         self.recorder.remove()
 
     def train(self) -> None:
@@ -320,28 +326,16 @@ class FusedStudents:
     def parameters(self) -> list[tuple[nn.Parameter, list[nn.Parameter], Callable]]:
         """Each fused parameter with the members' parameters that view it and the function
         giving member ``i``'s slice of it."""
-        out = []
-        for name, fused in self._fused.items():
-            for attr, rows in fused.slices().items():
-                whole = getattr(fused, attr)
-                if isinstance(whole, nn.Parameter):
-                    out.append((whole, [getattr(s.get_submodule(name), attr)
-                                        for s in self.students], rows))
-        return out
+        return [t for t in self._tensors if isinstance(t[0], nn.Parameter)]
 
     def share_grads(self) -> None:
         """Give each member's parameters their slice of the fused gradients (None where the
         fused tensor got none), and clear the fused ones for the next step."""
-        for name, fused in self._fused.items():
-            for attr, rows in fused.slices().items():
-                whole = getattr(fused, attr)
-                if not isinstance(whole, nn.Parameter):
-                    continue
-                grad = whole.grad
-                for i, student in enumerate(self.students):
-                    own = getattr(student.get_submodule(name), attr)
-                    own.grad = grad[rows(i)] if grad is not None else None
-                whole.grad = None
+        for whole, own, rows in self.parameters():
+            grad = whole.grad
+            for i, p in enumerate(own):
+                p.grad = grad[rows(i)] if grad is not None else None
+            whole.grad = None
 
     def check(self, probe: torch.Tensor, taps: Iterable[str], rtol: float = 1e-3) -> None:
         """A :class:`NotFusable` unless the fused network gives each member's logits and
@@ -369,8 +363,7 @@ class FusedStudents:
         except NotFusable:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise NotFusable(f"the fused network failed on a probe batch: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            raise NotFusable(f"the fused network failed on a probe batch: {first_line(exc)}"
                              ) from None
         finally:
             self.net.train(was)
