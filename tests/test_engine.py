@@ -261,3 +261,21 @@ def test_each_cohort_member_measures_its_own_step_time_in_this_call(
     assert 0 < first.step_s < clock.perf_counter() - t0
     again = train(data, STUDENT, build_method("kd"), RECIPE, 0, acc, teacher, checkpoint=ckpt)
     assert again.step_s == 0 and again.history == first.history  # nothing left to train
+
+
+def test_a_checkpoint_keeps_a_multistep_schedules_milestones(tmp_path):
+    """A saved MultiStepLR state (its milestones are a Counter) loads back equal, so a resumed
+    multistep recipe decays at the same epochs (a copy that rebuilt dicts from their items
+    once turned the Counter {150: 1} into {(150, 1): 1}: no decay after a resume)."""
+    from kt_bench.training.checkpoints import load_plain, save_checkpoint
+
+    sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(sgd, [2, 4], 0.1)
+    save_checkpoint(tmp_path / "c.pt", {"scheduler": schedule.state_dict()})
+    assert load_plain(tmp_path / "c.pt")["scheduler"] == schedule.state_dict()
+    resumed = torch.optim.lr_scheduler.MultiStepLR(sgd, [9], 0.5)
+    resumed.load_state_dict(load_plain(tmp_path / "c.pt")["scheduler"])
+    for _ in range(4):
+        sgd.step()
+        resumed.step()
+    assert sgd.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1 * 0.1)

@@ -86,9 +86,11 @@ def own_storage(state: Any) -> Any:
         whole = state.untyped_storage().nbytes()
         return state.clone() if whole > state.numel() * state.element_size() else state
     if isinstance(state, dict):
-        out = type(state)((k, own_storage(v)) for k, v in state.items())
-        if hasattr(state, "_metadata"):  # a state dict's layer versions
-            out._metadata = state._metadata
+        # a shallow copy keeps the dict's type and attributes (a state dict's layer versions,
+        # a Counter's counts: a MultiStepLR's milestones), then each value is replaced
+        out = copy.copy(state)
+        for key, value in state.items():
+            out[key] = own_storage(value)
         return out
     if isinstance(state, list | tuple):
         return type(state)(own_storage(v) for v in state)
