@@ -19,6 +19,7 @@ LAYERS = {
     "models": 2,
     "data": 2,
     "training": 3,
+    "downstream": 3,  # evaluations of trained students, beside the engine
     "sweep": 4,
     "reporting": 5,
     "bench": 5,  # apart: beside reporting, importing neither

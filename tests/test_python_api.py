@@ -210,7 +210,7 @@ def test_the_settings_are_the_run_flags_with_their_defaults():
 
     args = build_parser(["run"]).parse_args(["run", "--grid", "demo"])
     negated = {"no_cohort": "cohort", "no_fuse": "fuse", "no_report": "report",
-               "no_wait": "wait"}
+               "no_wait": "wait", "no_downstream": "downstream"}
     flags = {negated.get(name, name) for name in vars(args)} - {"command", "grid"}
     assert flags == set(SETTING_NAMES)
     assert settings_from_args(args) == dataclasses.replace(RunSettings(), cli=True)

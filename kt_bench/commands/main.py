@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("kt_bench.commands.listing", "list methods, models, datasets or grids"),
     "run": ("kt_bench.commands.run", "run a grid of cells and print the comparison table"),
     "bench": ("kt_bench.commands.bench", "training images/s: plain loop vs engine vs cohort"),
+    "downstream": ("kt_bench.commands.downstream",
+                   "linear probes and detection fine-tuning of a run folder's students"),
     "status": ("kt_bench.commands.status", "done, running and failed cells of a run folder"),
     "report": ("kt_bench.commands.report", "write tables and plots of a run folder"),
     "teachers": ("kt_bench.commands.teachers",

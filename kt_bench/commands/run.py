@@ -79,6 +79,9 @@ def _add_teacher_and_output_options(p: argparse.ArgumentParser) -> None:
                         "comma-separated: a run per cell under <out>/tracking")
     p.add_argument("--no-report", action="store_true",
                    help="skip writing report.md, tables and plots at the end")
+    p.add_argument("--no-downstream", action="store_true",
+                   help="skip the grid's [[downstream]] evaluations (run them later with "
+                        "kt-bench downstream OUT)")
     p.add_argument("--correct", choices=CORRECTIONS, default=CORRECTIONS[0],
                    help="how the table's changes against student are corrected for the many "
                         "comparisons: holm (default), bh or none")
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The run's settings as the command line gives them (``--no-X`` flags as ``X``)."""
     negated = {"cohort": "no_cohort", "fuse": "no_fuse", "report": "no_report",
-               "wait": "no_wait"}
+               "wait": "no_wait", "downstream": "no_downstream"}
     values = {name: (not getattr(args, negated[name]) if name in negated
                      else getattr(args, name)) for name in SETTING_NAMES}
     return RunSettings(**values, cli=True)

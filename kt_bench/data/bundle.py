@@ -8,6 +8,7 @@ order fixed by (seed, epoch) and split over processes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import typing
@@ -101,6 +102,12 @@ class DataBundle:
         """``n`` normalised training images on the CPU (for shape probing)."""
         raise NotImplementedError
 
+    def train_in_order(self, batch_size: int, device: torch.device) -> Iterator[ImageBatch]:
+        """The training split in sample-index order, each image as the test split's are seen
+        (no random augmentation; a streamed dataset's transforms drawn with one fixed seed),
+        for features computed once."""
+        raise NotImplementedError
+
     @property
     def in_channels(self) -> int:
         """Channels of one image."""
@@ -191,6 +198,11 @@ class TensorData(DataBundle):
             b = idx[start:start + batch_size]
             yield self._sized(self._normalise(on["test"].images[b], on)), on["test"].labels[b]
 
+    def train_in_order(self, batch_size, device):
+        """The training split in order, normalised and resized, without augmentation."""
+        return dataclasses.replace(self, test=self.train, augment=None, _cache={}
+                                   ).test_batches(batch_size, device)
+
     def probe(self, n: int = 2) -> torch.Tensor:
         """The first ``n`` training images, normalised, on the CPU."""
         x = self.train.images[:n]
@@ -262,6 +274,11 @@ class LoaderData(DataBundle):
         batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
         for x, y in self._loader(self.test, batches, device):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def train_in_order(self, batch_size, device):
+        """The training split in order through its own transforms, each sample's random
+        draws seeded alike (index, 0), as :meth:`test_batches` loads the test split."""
+        return dataclasses.replace(self, test=self.train).test_batches(batch_size, device)
 
     def probe(self, n: int = 2) -> torch.Tensor:
         """The first ``n`` test images (deterministic transforms)."""

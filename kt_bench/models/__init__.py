@@ -13,7 +13,7 @@ from kt_bench.core.registry import import_modules
 from kt_bench.models.zoo import MODELS, build_model, count_parameters, register_model
 
 #: Modules of this package that register no model.
-INFRASTRUCTURE = ("taps", "zoo")
+INFRASTRUCTURE = ("macs", "taps", "zoo")
 
 import_modules(__name__, __path__, INFRASTRUCTURE)
 

@@ -151,6 +151,9 @@ class Grid:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     #: The seed the teacher is trained with; None: each cell's own seed (a teacher per seed).
     teacher_seed: int | None = None
+    #: The downstream evaluations of the finished students (``[[downstream]]`` tables, as
+    #: :class:`~kt_bench.sweep.downstream_config.Downstream`).
+    downstream: list[Any] = field(default_factory=list)
 
     def leaves(self) -> list[Grid]:
         """The grids that hold cells: this one, or its included grids (recursively)."""
@@ -333,7 +336,8 @@ def _grid_name(table: Mapping[str, Any], source: str) -> str:
 
 
 GRID_KEYS = ("name", "description", "datasets", "pairs", "methods", "seeds", "recipe",
-             "teacher_recipe", "teacher_seed", "method_options", "sweep", "launcher", "extends")
+             "teacher_recipe", "teacher_seed", "method_options", "sweep", "launcher", "extends",
+             "downstream")
 COMPOSITE_KEYS = ("name", "description", "include", "launcher")
 PAIR_KEYS = ("teacher", "student", "teacher_checkpoint", "method_options", "recipe")
 
@@ -511,8 +515,19 @@ def grid_from_table(table: Mapping[str, Any], source: str, seen: tuple[str, ...]
         sweep=_sweep(table.get("sweep", {}), source),
         source=source,
         launcher=_launcher(table, source),
+        # read with the kinds, which load torch: only where the grid is checked
+        downstream=_downstream(table.get("downstream", []), source) if validate else [],
     )
     return grid.validate() if validate else grid
+
+
+def _downstream(value: Any, source: str) -> list[Any]:
+    """The grid's ``[[downstream]]`` evaluations (imported here: the kinds load torch)."""
+    if not value:
+        return []
+    from kt_bench.sweep.downstream_config import downstream_from_tables
+
+    return downstream_from_tables(value, source)
 
 
 def _extended(table: Mapping[str, Any], source: str, seen: tuple[str, ...], validate: bool

@@ -50,6 +50,7 @@ from kt_bench.training.device import check_device_and_precision, make_accelerato
 from kt_bench.training.hooks import say
 from kt_bench.training.recipe import Recipe
 from kt_bench.training.tracking import check_trackers, tracker_names
+from kt_bench.workflow.downstream import grid_units, print_units_plan, run_after_cells, units_plan
 from kt_bench.workflow.settings import RunSettings
 
 #: What a grid is given as: a built-in grid's name, a grid file's path, a :class:`Grid`, or a
@@ -72,6 +73,8 @@ class RunOutcome:
     cells: list[Cell]
     plan: pd.DataFrame | None = None
     problems: list[str] = field(default_factory=list)
+    #: For a dry run, the downstream units (one line each, with its GPU-hours).
+    units: pd.DataFrame | None = None
 
 
 @dataclass
@@ -270,7 +273,9 @@ def _dry_run(plan: _Plan) -> RunOutcome:
         problems = probe.check_teacher_checkpoints(plan.cells) + probe.probe_cells(plan.cells)
         table = plan_table(plan.cells, estimate=not problems)
         _print_plan(table, plan.cells, plan.out, estimate=not problems)
-    return RunOutcome(2 if problems else 0, plan.out, plan.cells, table, problems)
+        units = units_plan(grid_units(plan.grid, plan.cells), plan.cells)
+        print_units_plan(units)
+    return RunOutcome(2 if problems else 0, plan.out, plan.cells, table, problems, units)
 
 
 def plan_table(cells: list[Cell], estimate: bool) -> pd.DataFrame:
@@ -325,8 +330,21 @@ def _run_here(settings: RunSettings, plan: _Plan, precision: str,
     if not main:
         return 0
     write_results_csv(plan.out)  # also when every cell was done before: never a stale file
-    return _print_results(pd.DataFrame(rows), plan.out, not settings.report,
-                          settings.correct)
+    table = pd.DataFrame(rows)
+    units = (run_after_cells(plan.grid, plan.cells, table, plan.out, accelerator.device,
+                             precision, settings.data_root) if settings.downstream else [])
+    code = _print_results(table, plan.out, not settings.report, settings.correct)
+    return max(code, _units_code(units))
+
+
+def _units_code(units: list[dict]) -> int:
+    """1 (said on stderr) where a downstream unit did not finish ok, else 0."""
+    bad = [u for u in units if u["status"] != "ok"]
+    if bad:
+        names = ", ".join(f"{u['unit']} of {u['method']} seed {u['seed']}" for u in bad)
+        print(f"kt-bench: {len(bad)} downstream unit(s) did not finish ok: {names} (errors "
+              "in downstream.csv)", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _row_printer(total: int) -> Callable[[int, dict], None]:
@@ -379,12 +397,17 @@ def _run_as_jobs(settings: RunSettings, plan: _Plan, precision: str,
     for line in problems:
         print(f"kt-bench: {line}", file=sys.stderr)
     rows, missing = launch.rows_of(plan.cells, plan.out)
+    units = []
+    if settings.downstream and not rows.empty:  # here, after the jobs trained the cells
+        accelerator = make_accelerator(settings.device, precision)
+        units = run_after_cells(plan.grid, plan.cells, rows, plan.out, accelerator.device,
+                                precision, settings.data_root)
     if missing:
         print(f"kt-bench: {missing} cell(s) have no row; see kt-bench status {plan.out}",
               file=sys.stderr)
     code = (_print_results(rows, plan.out, not settings.report, settings.correct)
             if not rows.empty else 1)
-    return 1 if missing or problems else code
+    return 1 if missing or problems or _units_code(units) else code
 
 
 def _print_results(df: pd.DataFrame, out: Path, no_report: bool, correct: str) -> int:

@@ -60,6 +60,8 @@ class RunSettings:
     dry_run: bool = _setting(False, "bool")
     log_with: str | None = _setting(None, "text")
     report: bool = _setting(True, "bool")
+    #: Whether the grid's ``[[downstream]]`` evaluations run after their cells.
+    downstream: bool = _setting(True, "bool")
     #: How the table's changes against the student are corrected: holm, bh or none.
     correct: str = _setting("holm", "text")
     launcher: str | None = _setting(None, "text")

@@ -1,0 +1,137 @@
+"""Downstream evaluations as a run uses them: the units of a grid's cells, their dry-run plan
+with GPU-hour estimates, their run after the cells (``kt-bench run``) and their run for a
+folder trained earlier (``kt-bench downstream DIR``).
+
+Imported only to run evaluations: it loads torch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+from kt_bench.core.errors import KtBenchError
+from kt_bench.core.precision import resolve_precision
+from kt_bench.sweep.cells import Cell
+from kt_bench.sweep.config import Grid
+from kt_bench.sweep.cost import ASSUMED_FLOPS
+from kt_bench.sweep.downstream import (
+    Unit,
+    finished_cells,
+    record_evaluations,
+    recorded_evaluations,
+    run_units,
+    unit_flops,
+    units_for,
+)
+from kt_bench.sweep.downstream_config import Downstream, matches
+from kt_bench.training.device import check_device_and_precision, make_accelerator
+from kt_bench.training.hooks import say
+
+
+def _in_leaf(identity: dict[str, Any], leaf: Grid) -> bool:
+    """Whether the cell of row ``identity`` is one of ``leaf``'s (its dataset, pair and
+    method), so that an included grid's evaluations apply to its own cells only."""
+    return (identity["dataset"] in {d.label for d in leaf.datasets}
+            and (identity["teacher"], identity["student"])
+            in {(p.teacher.label, p.student.label) for p in leaf.pairs}
+            and identity["method"] in leaf.methods)
+
+
+def grid_units(grid: Grid, cells: list[Cell]) -> list[Unit]:
+    """The units of ``grid``'s ``[[downstream]]`` evaluations (each part's, for its own
+    cells) for ``cells``."""
+    identities = [c.identity() for c in cells]
+    return [unit for leaf in grid.leaves() if leaf.downstream
+            for unit in units_for([i for i in identities if _in_leaf(i, leaf)],
+                                  leaf.downstream)]
+
+
+def evaluations_of(grid: Grid) -> list[Downstream]:
+    """Every evaluation of ``grid`` and its parts, each name once."""
+    found: dict[str, Downstream] = {}
+    for leaf in grid.leaves():
+        for ev in leaf.downstream:
+            found.setdefault(ev.name, ev)
+    return list(found.values())
+
+
+def units_plan(units: list[Unit], cells: list[Cell]) -> pd.DataFrame:
+    """One line per unit: its cell, method, seed, evaluation, kind, dataset and estimated
+    GPU-hours (NaN where its networks cannot be built)."""
+    configs = {c.cell_id: c.config() for c in cells}
+    lines = []
+    for unit in units:
+        try:
+            hours = unit_flops(unit, configs[unit.cell["cell_id"]]) / ASSUMED_FLOPS / 3600
+        except KtBenchError:
+            hours = math.nan
+        ev = unit.downstream
+        lines.append((unit.cell["cell_id"], unit.cell["method"], unit.cell["seed"], ev.name,
+                      ev.kind, ev.dataset.label, hours))
+    return pd.DataFrame(lines, columns=["cell", "method", "seed", "unit", "kind", "dataset",
+                                        "gpu_hours"])
+
+
+def print_units_plan(table: pd.DataFrame) -> None:
+    """The units plan (:func:`units_plan`) with each unit's GPU-hours and their total."""
+    if table.empty:
+        return
+    rows = [(*line[:-1], "-" if math.isnan(line[-1]) else f"{line[-1]:.3f}")
+            for line in table.itertuples(index=False)]
+    print()
+    print(tabulate(rows, headers=["cell", "method", "seed", "downstream", "kind", "dataset",
+                                  "GPU-h"], tablefmt="simple", disable_numparse=True))
+    print(f"{len(table)} downstream units; estimate: {table['gpu_hours'].sum():.1f} GPU-hours "
+          f"at an assumed {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s (a rough guide)")
+
+
+def run_after_cells(grid: Grid, cells: list[Cell], rows: pd.DataFrame, out: Path,
+                    device: Any, precision: str, data_root: str | None) -> list[dict]:
+    """Run the units of ``cells`` whose ``rows`` say they finished ok, after recording the
+    grid's evaluations in the folder; their rows."""
+    evaluations = evaluations_of(grid)
+    if not evaluations:
+        return []
+    record_evaluations(out, evaluations)
+    ok = set(rows.loc[rows["status"] == "ok", "cell_id"]) if not rows.empty else set()
+    units = [u for u in grid_units(grid, cells) if u.cell["cell_id"] in ok]
+    if not units:
+        return []
+    say(f"downstream: {len(units)} unit(s) of {len(evaluations)} evaluation(s)")
+    return run_units(units, out, device, precision, data_root, say)
+
+
+def run_for_folder(out: Path, evaluations: list[Downstream] | None, only: list[str],
+                   device: str = "auto", precision: str = "auto",
+                   data_root: str | None = None,
+                   on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Run ``evaluations`` (default: those recorded in the folder) for every cell of run
+    folder ``out`` that finished ok and passes the ``only`` filters; their rows."""
+    if not (out / "cells").is_dir():
+        raise KtBenchError(f"{out} holds no cells (no cells/ folder); give a run folder")
+    if evaluations is None:
+        evaluations = recorded_evaluations(out)
+        if not evaluations:
+            raise KtBenchError(f"{out} records no downstream evaluations "
+                               "(no downstream.json); give --grid with [[downstream]] tables")
+    filters = tuple(only)
+    cells = [c for c in finished_cells(out) if matches(c, filters)]
+    if not cells:
+        raise KtBenchError(f"{out} has no finished (ok) cell"
+                           f"{' matching ' + ' '.join(only) if only else ''}")
+    precision = resolve_precision(precision, device)
+    check_device_and_precision(device, precision)
+    accelerator = make_accelerator(device, precision)
+    record_evaluations(out, evaluations)
+    units = units_for(cells, evaluations)
+    say(f"downstream: {len(units)} unit(s) for {len(cells)} cell(s) of {out} on "
+        f"{accelerator.device} (precision {precision})")
+    rows = run_units(units, out, accelerator.device, precision, data_root, say)
+    if on_rows is not None:
+        on_rows(rows)
+    return rows
