@@ -83,6 +83,7 @@ def test_every_command_has_a_module_with_its_parser_and_code():
     parser = build_parser()  # every command's module, in full
     for name, (module, help_line) in COMMANDS.items():
         args = parser.parse_args([name, *{"list": ["grids"], "run": ["--grid", "demo"],
-                                          "status": ["x"], "report": ["x"]}.get(name, [])])
+                                          "status": ["x"], "report": ["x"],
+                                          "downstream": ["x"]}.get(name, [])])
         assert args.command == name and help_line
         assert callable(sys.modules[module].run)

@@ -12,6 +12,7 @@ from kt_bench.commands.common import check_writable
 from kt_bench.core.errors import KtBenchError
 from kt_bench.reporting import writer
 from kt_bench.reporting.corrections import CORRECTIONS
+from kt_bench.reporting.downstream import with_downstream
 from kt_bench.reporting.report import comparison_table
 from kt_bench.sweep.rows import forget_warnings, read_rows, write_results_csv
 
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         compared = rows
     versus = versus_arg(args.versus, compared) if args.versus else None
-    print(comparison_table(rows, correct=args.correct))
+    print(comparison_table(with_downstream(rows, out), correct=args.correct))
     print(f"\nreport: {writer.write_report(out, rows, args.correct)}")
     if versus:
         factor, reference = versus

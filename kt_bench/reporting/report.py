@@ -23,6 +23,7 @@ from kt_bench.reporting.corrections import (
     check_correction,
     interval_alphas,
 )
+from kt_bench.reporting.downstream import dataset_column, metric_columns, split_column
 
 BASELINE = "student"
 KEYS = ["dataset", "teacher", "student", "method"]
@@ -35,17 +36,44 @@ DIAGNOSTIC_COLUMNS = {"agreement": ("agreement %", ".1f"), "kl_teacher": ("KL te
                       "ece": ("ECE %", ".2f")}
 
 
-def load_reference() -> pd.DataFrame:
-    """Every published reference row (``results/reference/*.csv``, shipped with the package)."""
+#: The files of ``results/reference`` holding published downstream figures, not result rows.
+DOWNSTREAM_REFERENCE_PREFIX = "downstream_"
+#: Their columns: the trained cell (``dataset`` the data it trained on), the downstream
+#: dataset's label and metric, and the figure. The teacher's own figure has method
+#: :data:`TEACHER_METHOD`.
+DOWNSTREAM_REFERENCE_COLUMNS = ["grid", *KEYS, "unit_dataset", "metric", "value", "source",
+                                "note"]
+TEACHER_METHOD = "(teacher)"
+
+
+def _reference_frames(downstream: bool) -> list[pd.DataFrame]:
+    """The CSV files of ``results/reference`` (shipped with the package) by name: those of
+    downstream figures or the others."""
     folder = resources.files("kt_bench.reference")
-    frames = [pd.read_csv(f.open()) for f in sorted(folder.iterdir(), key=lambda f: f.name)
-              if f.name.endswith(".csv")]
+    return [pd.read_csv(f.open()) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".csv")
+            and f.name.startswith(DOWNSTREAM_REFERENCE_PREFIX) == downstream]
+
+
+def load_reference() -> pd.DataFrame:
+    """Every published reference row (``results/reference/*.csv`` but ``downstream_*.csv``,
+    shipped with the package)."""
+    frames = _reference_frames(downstream=False)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=KEYS)
 
 
+def load_downstream_reference() -> pd.DataFrame:
+    """Every published downstream figure (``results/reference/downstream_*.csv``:
+    :data:`DOWNSTREAM_REFERENCE_COLUMNS`)."""
+    frames = _reference_frames(downstream=True)
+    return (pd.concat(frames, ignore_index=True) if frames
+            else pd.DataFrame(columns=DOWNSTREAM_REFERENCE_COLUMNS))
+
+
 def param_columns(rows: pd.DataFrame) -> list[str]:
-    """The swept-parameter columns of ``rows`` (named ``member.option``)."""
-    return [c for c in rows.columns if "." in c and c.split(".")[0]]
+    """The swept-parameter columns of ``rows`` (named ``member.option``; never with a space,
+    which downstream columns and their summary columns hold)."""
+    return [c for c in rows.columns if "." in c and c.split(".")[0] and " " not in c]
 
 
 def method_order(methods) -> list[str]:
@@ -62,18 +90,24 @@ def in_method_order(table: pd.DataFrame, then: list[str]) -> pd.DataFrame:
             .drop(columns="_r"))
 
 
-def paired_delta(method_rows: pd.DataFrame, base_rows: pd.DataFrame) -> dict:
-    """Mean top-1 difference method − baseline over shared seeds, with its 95% t-interval,
-    its standard error ``se`` and the two-sided p-value ``p`` of the paired t-test.
+#: What :func:`paired_delta` gives where nothing is paired.
+NO_DELTA = {"delta": math.nan, "delta_lo": math.nan, "delta_hi": math.nan, "pairs": 0,
+            "significant": None, "se": math.nan, "p": math.nan}
+
+
+def paired_delta(method_rows: pd.DataFrame, base_rows: pd.DataFrame,
+                 column: str = "top1") -> dict:
+    """Mean difference method − baseline of ``column`` (top-1 by default) over the seeds both
+    have a value for, with its 95% t-interval, its standard error ``se`` and the two-sided
+    p-value ``p`` of the paired t-test.
 
     ``significant`` is None with fewer than two shared seeds (no interval, no p-value)."""
-    a = method_rows.groupby("seed")["top1"].mean()
-    b = base_rows.groupby("seed")["top1"].mean()
+    a = pd.to_numeric(method_rows[column], errors="coerce").groupby(method_rows["seed"]).mean()
+    b = pd.to_numeric(base_rows[column], errors="coerce").groupby(base_rows["seed"]).mean()
     d = (a - b).dropna()
     n = len(d)
     if n == 0:
-        return {"delta": math.nan, "delta_lo": math.nan, "delta_hi": math.nan, "pairs": 0,
-                "significant": None, "se": math.nan, "p": math.nan}
+        return dict(NO_DELTA)
     mean = float(d.mean())
     if n < 2:
         return {"delta": mean, "delta_lo": math.nan, "delta_hi": math.nan, "pairs": 1,
@@ -220,8 +254,51 @@ def _baseline_rows(ok: pd.DataFrame, key: tuple, group: pd.DataFrame) -> pd.Data
     return base
 
 
+def _delta(good: pd.DataFrame, base: pd.DataFrame, method: str, column: str = "top1") -> dict:
+    """:func:`paired_delta` of ``column`` for a method's ok rows ``good`` against the
+    baseline rows ``base``; :data:`NO_DELTA` for the baseline itself or without rows."""
+    if method == BASELINE or base.empty or good.empty:
+        return dict(NO_DELTA)
+    return paired_delta(good, base, column)
+
+
+def _unit_dataset(rows: pd.DataFrame, group: pd.DataFrame, unit: str) -> str | None:
+    """The label of the dataset downstream unit ``unit`` evaluated ``group``'s cells on (or,
+    where they have none, every cell of ``rows``), if it is one; else None."""
+    column = dataset_column(unit)
+    if column not in rows:
+        return None
+    for frame in (group, rows):
+        labels = frame[column].dropna().unique()
+        if len(labels):
+            return str(labels[0]) if len(labels) == 1 else None
+    return None
+
+
+def _downstream_summary(column: str, rows: pd.DataFrame, group: pd.DataFrame,
+                        good: pd.DataFrame, base: pd.DataFrame, key: tuple,
+                        reference: pd.DataFrame | None) -> dict:
+    """The summary fields of downstream column ``column`` (``<unit> <metric>``) for one
+    configuration: the mean over its ok cells, how many have a value, the paired change
+    against the baseline (unadjusted; fields ``<column> delta``, ``<column> delta_lo``, ...)
+    and the published figures of the method and of the teacher."""
+    unit, metric = split_column(column)
+    values = pd.to_numeric(good[column], errors="coerce")
+    fields = {column: values.mean(), f"{column} seeds": good.loc[values.notna(), "seed"].nunique()}
+    fields.update({f"{column} {k}": v for k, v in _delta(good, base, key[3], column).items()})
+    published = None
+    if reference is not None and not reference.empty:
+        published = reference[(reference["unit_dataset"] == _unit_dataset(rows, group, unit))
+                              & (reference["metric"] == metric)]
+    fields[f"{column} published"] = _published(published, key, "value")
+    fields[f"{column} published teacher"] = _published(published, (*key[:3], TEACHER_METHOD),
+                                                       "value")
+    return fields
+
+
 def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None,
-              correct: str = DEFAULT_CORRECTION) -> pd.DataFrame:
+              correct: str = DEFAULT_CORRECTION,
+              downstream_reference: pd.DataFrame | None = None) -> pd.DataFrame:
     """One tidy line per configuration (dataset, teacher, student, method and everything
     else a cell runs with but its seed): distinct seeds, mean and std of top-1 (last epoch),
     mean top-1 (best epoch), mean top-5, the paired change against the ``student`` baseline
@@ -229,7 +306,13 @@ def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None,
     change of the table: :func:`correct_deltas`), teacher top-1, cost, the diagnostics the
     rows carry (:data:`DIAGNOSTIC_COLUMNS`, mean over seeds), and the published figures.
     Rows of different configurations are never pooled; ``config`` names what differs where a
-    method has several."""
+    method has several.
+
+    Each downstream column of ``rows`` (``<unit> <metric>``,
+    :func:`~kt_bench.reporting.downstream.downstream_columns`) adds its mean over seeds and
+    its paired change against ``student``, computed as top-1's but not corrected (the
+    correction's family is top-1's changes), and the figures ``downstream_reference``
+    (:func:`load_downstream_reference`) publishes for the method and the teacher."""
     check_correction(correct)
     needed = ["top1", "top1_best", "top5", "teacher_top1", "wall_s", "images_per_s", "status",
               "seed", "config_id", "setting_id"]
@@ -259,14 +342,13 @@ def summarise(rows: pd.DataFrame, reference: pd.DataFrame | None = None,
         for column in DIAGNOSTIC_COLUMNS:
             if column in rows:
                 line[column] = pd.to_numeric(good[column], errors="coerce").mean()
-        if key[3] != BASELINE and not base.empty and not good.empty:
-            line.update(paired_delta(good, base))
-        else:
-            line.update(delta=math.nan, delta_lo=math.nan, delta_hi=math.nan, pairs=0,
-                        significant=None, se=math.nan, p=math.nan)
+        line.update(_delta(good, base, key[3]))
         line["published_top1"] = _published(reference, key[:4], "top1")
         line["published_top1_best"] = _published(reference, key[:4], "top1_best")
         line["published_teacher_top1"] = _published(reference, key[:4], "teacher_top1")
+        for column in metric_columns(rows.columns):
+            line.update(_downstream_summary(column, rows, group, good, base, key[:4],
+                                            downstream_reference))
         out.append(line)
     table = pd.DataFrame(out)
     if table.empty:
@@ -322,6 +404,38 @@ def _published_column(summary: pd.DataFrame) -> pd.Series:
                      index=summary.index)
 
 
+def format_downstream(line: pd.Series, column: str) -> str:
+    """Downstream column ``column`` of a summary line: ``71.60 (Δ +1.20 [+0.40, +2.00])``,
+    the mean over seeds and the change against ``student`` with its unadjusted interval
+    (``71.60 (Δ +1.20)`` with one shared seed, ``71.60`` for the baseline, ``-`` without a
+    value), then ``; paper 71.60`` where a figure was published."""
+    mean, delta = line[column], line[f"{column} delta"]
+    text = _num(mean)
+    if text != "-" and not math.isnan(delta):
+        lo, hi = line[f"{column} delta_lo"], line[f"{column} delta_hi"]
+        interval = "" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]"
+        text += f" (Δ {delta:+.2f}{interval})"
+    published = _published_text(line[f"{column} published"])
+    return f"{text}; paper {published}" if published else text
+
+
+def downstream_heading(column: str) -> str:
+    """The display heading of downstream column ``column``: its intervals are unadjusted."""
+    return f"{column} (Δ vs student, {CONFIDENCE:.0%} CI unadjusted)"
+
+
+def _downstream_display(summary: pd.DataFrame) -> dict[str, pd.Series]:
+    """The display columns of ``summary``'s downstream columns, each followed by its
+    teacher's published figure where one was published."""
+    out: dict[str, pd.Series] = {}
+    for column in metric_columns(summary.columns):
+        out[downstream_heading(column)] = summary.apply(
+            lambda line, c=column: format_downstream(line, c), axis=1)
+        out[f"published teacher {column}"] = summary[f"{column} published teacher"].map(
+            _published_text)
+    return out
+
+
 def _p_text(p: float) -> str:
     if p is None or math.isnan(p):
         return "-"
@@ -341,9 +455,11 @@ def _p_heading(summary: pd.DataFrame) -> str:
 
 
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The console/Markdown long table: one line per summary line, formatted; empty columns
-    (no published numbers, no failures, no sweeps, no diagnostics) left out."""
+    """The console/Markdown long table: one line per summary line, formatted, with one column
+    per downstream metric (:func:`format_downstream`); empty columns (no published numbers,
+    no failures, no sweeps, no diagnostics) left out."""
     params = param_columns(summary)
+    downstream = _downstream_display(summary)
     diagnostics = {heading: summary[column].map(lambda v, f=fmt: _num(v, f))
                    for column, (heading, fmt) in DIAGNOSTIC_COLUMNS.items()
                    if column in summary and summary[column].notna().any()}
@@ -364,10 +480,13 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         "teacher top1": summary["teacher_top1"].map(_num),
         "published top1": _published_column(summary),
         "published teacher top1": summary["published_teacher_top1"].map(_published_text),
+        **downstream,
         "wall s": summary["wall_s"].map(lambda v: _num(v, ".1f")),
         "not ok": summary["not_ok"],
     })
-    for col in ("config", "published top1", "published teacher top1", "not ok"):
+    optional = ["config", "published top1", "published teacher top1", "not ok",
+                *(c for c in downstream if c.startswith("published teacher "))]
+    for col in optional:
         if not (out[col] != "").any():
             out = out.drop(columns=col)
     return out
@@ -375,10 +494,16 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def comparison_table(rows: pd.DataFrame, fmt: str = "github",
                      reference: pd.DataFrame | None = None,
-                     correct: str = DEFAULT_CORRECTION) -> str:
+                     correct: str = DEFAULT_CORRECTION,
+                     downstream_reference: pd.DataFrame | None = None) -> str:
     """The comparison table of ``rows`` as text (a tabulate format, Markdown by default),
-    its changes against ``student`` corrected by ``correct``, with the note saying how."""
-    summary = summarise(rows, load_reference() if reference is None else reference, correct)
+    its changes against ``student`` corrected by ``correct``, with the note saying how.
+    ``reference`` and ``downstream_reference`` default to the published figures shipped with
+    the package."""
+    if downstream_reference is None and metric_columns(rows.columns):
+        downstream_reference = load_downstream_reference()
+    summary = summarise(rows, load_reference() if reference is None else reference, correct,
+                        downstream_reference)
     if summary.empty:
         return "(no results)"
     table = tabulate(display_table(summary), headers="keys", tablefmt=fmt, showindex=False,

@@ -10,6 +10,7 @@ from kt_bench.core import atomic
 from kt_bench.core.precision import describe_precision
 from kt_bench.reporting.cd_diagram import cd_diagram
 from kt_bench.reporting.curves import curves_plot, history, loss_plots
+from kt_bench.reporting.downstream import downstream_columns, read_downstream
 from kt_bench.reporting.own_time import STEP_COLUMN, own_seconds
 from kt_bench.reporting.plots import accuracy_plot, cost_plot, sensitivity_plots
 from kt_bench.reporting.ranking import Ranking, p_text, problem_scores, rank_methods
@@ -19,6 +20,7 @@ from kt_bench.reporting.report import (
     correction_note,
     display_table,
     latex_pivot,
+    load_downstream_reference,
     load_reference,
     markdown_pivot,
     summarise,
@@ -91,15 +93,60 @@ def _cost_note(rows: pd.DataFrame, drawn: bool) -> str:
             f"{reason}, are left out of it.")
 
 
-def report_summary(out: Path, rows: pd.DataFrame, correct: str = DEFAULT_CORRECTION
-                   ) -> pd.DataFrame:
+def report_summary(out: Path, rows: pd.DataFrame, correct: str = DEFAULT_CORRECTION,
+                   downstream: pd.DataFrame | None = None) -> pd.DataFrame:
     """The comparison table of run folder ``out``'s ``rows`` as ``report/summary.csv`` holds
     it: :func:`~kt_bench.reporting.report.summarise` with the published figures, the changes
-    against ``student`` corrected by ``correct``, and ``own_s``, each student's own training
-    time (:func:`~kt_bench.reporting.own_time.own_seconds`)."""
+    against ``student`` corrected by ``correct``, ``own_s``, each student's own training
+    time (:func:`~kt_bench.reporting.own_time.own_seconds`), and the downstream columns of
+    ``downstream`` (by default ``out/downstream.csv``)."""
     if "own_s" not in rows:
         rows = rows.assign(own_s=own_seconds(out, rows))
-    return summarise(rows, load_reference(), correct)
+    rows = downstream_columns(rows, read_downstream(out) if downstream is None else downstream)
+    return summarise(rows, load_reference(), correct, load_downstream_reference())
+
+
+def downstream_section(downstream: pd.DataFrame) -> list[str]:
+    """The report's lines on the downstream evaluations of ``downstream`` (its lines as
+    :func:`~kt_bench.reporting.downstream.read_downstream` reads them): each unit and metric
+    with its kind, dataset and the cells it has a result for, then the failed units with
+    their errors; none where there are no lines."""
+    if downstream.empty:
+        return []
+    ok = downstream["status"] == "ok"
+    units = (downstream.assign(_ok=downstream["cell_id"].where(ok),
+                               _failed=downstream["cell_id"].where(~ok))
+             .groupby(["unit", "metric"], sort=False)
+             .agg(kind=("kind", "first"), dataset=("dataset", "first"),
+                  cells=("_ok", "nunique"), failed=("_failed", "nunique"))
+             .reset_index())
+    lines = [
+        "## Downstream evaluations",
+        "",
+        "Each trained cell's student evaluated on other data (`downstream.csv`); the tables "
+        "above show each metric's mean over seeds and its change against `student`, paired "
+        "by seed, with a 95% t-interval that is not adjusted for multiple comparisons (the "
+        "correction covers top-1's changes only). `paper` is the published figure where "
+        "`results/reference/downstream_*.csv` holds one; the other units have none readable.",
+        "",
+        units[["unit", "kind", "dataset", "metric", "cells", "failed"]]
+        .rename(columns={"cells": "cells with a result", "failed": "cells failed"})
+        .to_markdown(index=False),
+        "",
+    ]
+    return lines + _failures(downstream[~ok])
+
+
+def _failures(failed: pd.DataFrame) -> list[str]:
+    """One line per failed unit and error, with how many cells failed so."""
+    if failed.empty:
+        return []
+    errors = failed.assign(error=failed["error"].fillna("(no error recorded)"))
+    lines = ["Failed:", ""]
+    for (unit, error), group in errors.groupby(["unit", "error"], sort=False):
+        n = group["cell_id"].nunique()
+        lines.append(f"- `{unit}`, {n} cell{'s' if n > 1 else ''}: {error}")
+    return [*lines, ""]
 
 
 def write_report(out: Path, rows: pd.DataFrame | None = None,
@@ -107,10 +154,13 @@ def write_report(out: Path, rows: pd.DataFrame | None = None,
     """Write ``out/report.md`` and, under ``out/report/``, the tables (``table.md``,
     ``table.tex``, ``summary.csv``, ``stages.md`` with diagnostics) and figures (PNG and PDF);
     the changes against ``student`` are corrected by ``correct`` (``holm``, ``bh`` or
-    ``none``). Return the report's path."""
+    ``none``). The downstream evaluations of ``out/downstream.csv`` add their columns to the
+    tables and a section of their own. Return the report's path."""
     rows = read_rows(out) if rows is None else rows
+    downstream = read_downstream(out)
+    rows = downstream_columns(rows, downstream)
     rows = rows.assign(own_s=own_seconds(out, rows))
-    summary = report_summary(out, rows, correct)
+    summary = report_summary(out, rows, correct, downstream)
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     if summary.empty:  # every row left out (named in warnings) or none finished
@@ -143,6 +193,7 @@ def write_report(out: Path, rows: pd.DataFrame | None = None,
         "Files: [table.md](report/table.md), [table.tex](report/table.tex), "
         "[summary.csv](report/summary.csv), [results.csv](results.csv).",
         "",
+        *downstream_section(downstream),
     ]
     written: list[Path] = []
     if not summary.empty:

@@ -30,6 +30,7 @@ from kt_bench.core.options import Spec
 from kt_bench.core.precision import resolve_precision
 from kt_bench.reporting import writer
 from kt_bench.reporting.corrections import check_correction
+from kt_bench.reporting.downstream import with_downstream
 from kt_bench.reporting.report import comparison_table
 from kt_bench.sweep import launch, probe
 from kt_bench.sweep.cells import Cell, check_published_teachers, expand, select
@@ -415,7 +416,7 @@ def _print_results(df: pd.DataFrame, out: Path, no_report: bool, correct: str) -
     changes against the student corrected by ``correct``; 1 if a cell did not finish ok or
     the report could not be written (one line on stderr; the table and the rows stand)."""
     print()
-    print(comparison_table(df, correct=correct))
+    print(comparison_table(with_downstream(df, out), correct=correct))
     report, unwritten = None, None
     if not no_report:
         try:
