@@ -110,6 +110,11 @@ def test_crd_dry_run_lists_seven_pairs_times_every_method(capsys):
     for m in methods:
         assert len(re.findall(rf"cifar100\s+\S+\s+\S+\s+{m}\s", out)) == 7, m
     pairs = set(re.findall(r"cifar100\s+(\S+)\s+(\S+)\s+(?:student|kd|fitnet|at|nst_poly)\s", out))
+    # the CRD paper's transfer probes: every method of wrn_40_2 -> wrn_16_2, two datasets
+    assert re.search(r"40 downstream units; estimate: [0-9.]+ GPU-hours", out)
+    for unit, dataset in (("probe-stl10", "stl10"), ("probe-tiny-imagenet", "tiny_imagenet")):
+        assert len(re.findall(rf"{unit}\s+linear_probe\s+{dataset}\(image_size=32\)\s+"
+                              r"[0-9.e-]+\n", out)) == 20
     assert pairs == {("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"),
                      ("resnet56", "resnet20"), ("resnet110", "resnet20"),
                      ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")}
@@ -206,3 +211,13 @@ def test_crd_hetero_lists_six_pairs_times_every_method_with_the_students_rates(c
         assert c.recipe.epochs == 240 and c.recipe.milestones == (150, 180, 210)
     four = [c for c in cells if c.teacher.name in ("vgg13", "resnet50") and c.method == "at"]
     assert all(len(c.method_config["at"]["layers"]) == 4 for c in four)
+
+
+def test_paper_imagenet_dry_run_lists_the_voc_detection_of_each_student(capsys):
+    assert main(["run", "--grid", "paper-imagenet", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = re.findall(r"(\S+)\s+0\s+detection-voc2007\s+detection\s+voc2007\s+([0-9.]+)\n",
+                       out)
+    assert [m for m, _ in lines] == ["student", "kd", "fitnet", "at", "nst_poly", "kd+nst_poly"]
+    assert all(float(h) > 0 for _, h in lines)
+    assert re.search(r"6 downstream units; estimate: [0-9.]+ GPU-hours", out)

@@ -3,8 +3,8 @@ its own top-1 (a linear probe on another dataset, detection fine-tuning). Each k
 registered :class:`~kt_bench.downstream.kinds.DownstreamKind`; the sweep runs one unit of work
 per (finished cell, ``[[downstream]]`` table).
 
-Every module of this package but the infrastructure (``kinds``, ``student``) registers a kind
-when imported, so a new kind is one file."""
+Every module of this package but the infrastructure (``kinds``, ``student``, ``voc``)
+registers a kind when imported, so a new kind is one file."""
 
 from kt_bench.core.registry import import_modules
 from kt_bench.downstream.kinds import (
@@ -15,7 +15,7 @@ from kt_bench.downstream.kinds import (
 )
 
 #: Modules of this package that register no kind.
-INFRASTRUCTURE = ("kinds", "student")
+INFRASTRUCTURE = ("kinds", "student", "voc")
 
 import_modules(__name__, __path__, INFRASTRUCTURE)
 

@@ -81,7 +81,7 @@ def print_units_plan(table: pd.DataFrame) -> None:
     """The units plan (:func:`units_plan`) with each unit's GPU-hours and their total."""
     if table.empty:
         return
-    rows = [(*line[:-1], "-" if math.isnan(line[-1]) else f"{line[-1]:.3f}")
+    rows = [(*line[:-1], "-" if math.isnan(line[-1]) else f"{line[-1]:.2g}")
             for line in table.itertuples(index=False)]
     print()
     print(tabulate(rows, headers=["cell", "method", "seed", "downstream", "kind", "dataset",
