@@ -66,9 +66,16 @@ options = { epochs = 4, milestones = [2] }
 [[downstream]]
 name = "probe-synthetic"
 kind = "linear_probe"
-dataset = { name = "synthetic", channels = 1, image_size = 8, num_classes = 4, n_train = 64, n_test = 32 }
 options = { epochs = 4, milestones = [2] }
 only = ["method=kd"]
+
+[downstream.dataset]
+name = "synthetic"
+channels = 1
+image_size = 8
+num_classes = 4
+n_train = 64
+n_test = 32
 """
 
 
@@ -343,3 +350,62 @@ def test_the_demo_grid_probes_every_student(capsys):
     assert re.search(r"2 downstream units; estimate: [0-9.]+ GPU-hours", out)
     assert len(re.findall(r"probe-digits\s+linear_probe\s+digits\(image_size=16\)\s+[0-9.]+",
                           out)) == 2
+
+
+DETECTION_GRID = """
+name = "detected"
+datasets = [{{ name = "synthetic", n_train = 64, n_test = 32, image_size = 8 }}]
+methods = ["student", "kd"]
+
+[[pairs]]
+teacher = {{ name = "resnet8", width = 0.5 }}
+student = {{ name = "resnet8", width = 0.25 }}
+
+[recipe]
+epochs = 1
+batch_size = 32
+
+[[downstream]]
+name = "voc"
+kind = "detection"
+dataset = {{ name = "voc2007", root = "{root}" }}
+
+[downstream.options]
+epochs = 1
+batch_size = 4
+min_size = 64
+max_size = 96
+workers = 0
+warmup_iters = 0
+
+[[downstream]]
+name = "voc-stage4"
+kind = "detection"
+dataset = {{ name = "voc2007", root = "{root}" }}
+options = {{ epochs = 1, min_size = 64, max_size = 96, workers = 0, layers = ["stage4"] }}
+only = ["method=student"]
+"""
+
+
+def test_a_grid_fine_tunes_its_students_as_detectors_and_a_missing_tap_fails_alone(tmp_path,
+                                                                                 capsys):
+    from .test_downstream_detection import write_voc
+
+    write_voc(tmp_path / "voc")
+    grid = tmp_path / "detected.toml"
+    grid.write_text(DETECTION_GRID.format(root=tmp_path / "voc"))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out),
+                                "--device", "cpu", "--precision", "no")
+    assert code == 1 and "voc-stage4 of student seed 0" in err
+    assert list(pd.read_csv(out / "results.csv")["status"]) == ["ok", "ok"]
+    lines = pd.read_csv(out / "downstream.csv").sort_values(["unit", "method"])
+    assert list(zip(lines["unit"], lines["method"], lines["status"], strict=True)) == [
+        ("voc", "kd", "ok"), ("voc", "student", "ok"), ("voc-stage4", "student", "failed")]
+    assert set(lines["metric"].dropna()) == {"map50"}
+    assert lines.loc[lines["status"] == "ok", "value"].between(0, 100).all()
+    error = lines.loc[lines["status"] == "failed", "error"].item()
+    assert "stage4" in error and "stage3" in error and "\n" not in error
+    assert "voc map50 (Δ vs student" in stdout  # the table's column
+    report = (out / "report.md").read_text()
+    assert "## Downstream evaluations" in report and "voc-stage4" in report
