@@ -1,6 +1,7 @@
 """kt-bench: a benchmark harness for knowledge-transfer methods for image classifiers.
 
-The method API (``Method``, ``register_method``, ...) and the Python API of notebooks and
+The method API (``Method``, ``register_method``, ...), the downstream-evaluation API
+(``DownstreamKind``, ``register_kind``, ``UnitContext``) and the Python API of notebooks and
 scripts (``run``, ``report``, and ``Grid``, ``Pair``, ``Spec``, ``Recipe`` to build grids)
 are importable from here; each is loaded on first use, so that commands which need no
 network (``report``, ``status``) start without importing torch.
@@ -27,6 +28,9 @@ _EXPORTS = {
     "Pair": "kt_bench.sweep.config",
     "Spec": "kt_bench.core.options",
     "Recipe": "kt_bench.training.recipe",
+    "DownstreamKind": "kt_bench.downstream.kinds",
+    "UnitContext": "kt_bench.downstream.kinds",
+    "register_kind": "kt_bench.downstream.kinds",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -87,7 +87,7 @@ def test_unknown_model_or_dataset_in_a_grid_lists_the_known_ones(tmp_path, capsy
     code, _, err = run_cli(capsys, "run", "--grid", str(grid))
     assert code == 2
     assert ("unknown dataset 'mnist'; known: cifar10, cifar100, digits, hf, imagefolder, "
-            "imagenet, synthetic") in err
+            "imagenet, stl10, synthetic, tiny_imagenet") in err
     grid = write_tiny_grid(tmp_path)
     grid.write_text(grid.read_text().replace('teacher = { name = "resnet8"',
                                              'teacher = { name = "resnet7"'))

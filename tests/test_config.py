@@ -40,7 +40,7 @@ def _edit(path, old, new):
      "unknown method 'kdd' (did you mean 'kd'?); known: ab, at, cc, crd, dist, dkd, fitnet,"),
     ('name = "synthetic"', 'name = "mnist"',
      "unknown dataset 'mnist'; known: cifar10, cifar100, digits, hf, imagefolder, imagenet, "
-     "synthetic"),
+     "stl10, synthetic, tiny_imagenet"),
     ("width = 0.25", "depth = 2", "unknown option 'depth' for model 'resnet8'; accepted: width"),
     ('name = "tiny"', 'name = "tiny', "invalid TOML"),
     ("[[pairs]]\nteacher", "[[pairs]]\nmentor",

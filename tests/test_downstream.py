@@ -409,3 +409,49 @@ def test_a_grid_fine_tunes_its_students_as_detectors_and_a_missing_tap_fails_alo
     assert "voc map50 (Δ vs student" in stdout  # the table's column
     report = (out / "report.md").read_text()
     assert "## Downstream evaluations" in report and "voc-stage4" in report
+
+
+def test_no_downstream_records_the_evaluations_for_later_and_a_new_recipe_replaces_the_old(
+        tmp_path, capsys):
+    grid = _write_grid(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", "--grid", str(grid), "--out", str(out), "--device", "cpu",
+                 "--precision", "no", "--no-report", "--methods", "kd", "--no-downstream"]) == 0
+    assert not (out / "downstream.csv").exists() and (out / "downstream.json").is_file()
+    capsys.readouterr()
+    code, stdout, _ = run_cli(capsys, "downstream", str(out), "--device", "cpu")
+    assert code == 0 and "2 ok, 0 failed" in stdout
+    units = sorted(p.name for p in (out / "cells").glob("*/downstream/*"))
+    # a run-only option (the batch of the feature pass) resumes the same unit
+    grid.write_text(grid.read_text().replace("epochs = 4, milestones = [2] }",
+                                             "epochs = 4, milestones = [2], "
+                                             "eval_batch_size = 7 }", 1))
+    code, stdout, _ = run_cli(capsys, "downstream", str(out), "--grid", str(grid))
+    assert code == 0 and sorted(p.name for p in (out / "cells").glob("*/downstream/*")) == units
+    # another recipe is another unit, and the table keeps the new one's value only
+    grid.write_text(grid.read_text().replace("epochs = 4, milestones = [2], ",
+                                             "epochs = 5, milestones = [2], ", 1))
+    code, stdout, _ = run_cli(capsys, "downstream", str(out), "--grid", str(grid))
+    assert code == 0 and len(list((out / "cells").glob("*/downstream/*"))) == 3
+    lines = pd.read_csv(out / "downstream.csv")
+    assert sorted(lines["unit"]) == ["probe-digits", "probe-synthetic"]
+    newest = next(p for p in (out / "cells").glob("*/downstream/probe-digits-*")
+                  if p.name not in units)
+    value = atomic.read_json(newest / "result.json")["metrics"]["top1"]
+    assert lines.set_index("unit").loc["probe-digits", "value"] == value
+    assert atomic.read_json(newest / "config.json")["options"]["epochs"] == 5
+
+
+def test_each_part_of_a_composite_grid_evaluates_its_own_cells():
+    import dataclasses
+
+    from kt_bench.workflow.downstream import evaluations_of
+
+    leaf = grid_from_table(_table(PROBES), "grid.toml")
+    other = dataclasses.replace(leaf, name="other", methods=["student"], downstream=[])
+    both = dataclasses.replace(leaf, parts=[leaf, other])
+    evaluations = evaluations_of(both)
+    assert [e.name for e in evaluations] == ["probe-digits", "probe-synthetic"]
+    assert evaluations[1].only == ("method=kd", "dataset=digits", "teacher=resnet8",
+                                   "student=resnet8", "method=student,kd")
+    assert evaluations_of(leaf)[1].only == ("method=kd",)

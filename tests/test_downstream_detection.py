@@ -1,10 +1,13 @@
 """The ``detection`` downstream kind: VOC annotations to targets, mAP@0.5 on hand-made cases,
 Faster R-CNN fine-tuning of a zoo student on a tiny VOC-layout folder (resumable, bit-exact),
-and one-line errors for bad input."""
+and one-line errors for bad input. Tests that score (and so fine-tune) need the ``detection``
+extra; the rest run on a base install."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +27,10 @@ from kt_bench.downstream.voc import (
 from kt_bench.models import build_model
 from kt_bench.training.checkpoints import load_plain
 
-pytest.importorskip("torchmetrics")
-pytest.importorskip("pycocotools")
+#: For the tests that score detections: torchmetrics and pycocotools (the extra) installed.
+needs_extra = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("torchmetrics", "pycocotools")),
+    reason="needs the detection extra (torchmetrics, pycocotools)")
 
 KIND = DOWNSTREAM_KINDS.get("detection")
 SIDE = 64
@@ -51,10 +56,11 @@ def annotation_xml(image_id: str, objects: list[str]) -> str:
             f"{''.join(objects)}</annotation>")
 
 
-def write_voc(root: Path, n_train: int = 8, n_test: int = 4, with_objects: bool = True) -> Path:
+def write_voc(root: Path, n_train: int = 8, n_test: int = 4, with_objects: bool = True,
+              difficult_test: bool = False) -> Path:
     """A tiny VOC 2007 folder under ``root`` in torchvision's layout: grey JPEGs with one
     coloured rectangle each (a cat red, a dog blue), the last test image with a second,
-    difficult one."""
+    difficult one; ``difficult_test``: every test object difficult."""
     folder = root / "VOCdevkit" / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -66,7 +72,8 @@ def write_voc(root: Path, n_train: int = 8, n_test: int = 4, with_objects: bool 
         w, h = (int(v) for v in torch.randint(16, 32, (2,), generator=gen))
         image = Image.new("RGB", (SIDE, SIDE), (128, 128, 128))
         image.paste(colour, (x0, y0, x0 + w, y0 + h))
-        objects = [object_xml(name, (x0 + 1, y0 + 1, x0 + w, y0 + h))]
+        objects = [object_xml(name, (x0 + 1, y0 + 1, x0 + w, y0 + h),
+                              difficult=difficult_test and i >= n_train)]
         if i == len(ids) - 1:
             image.paste((40, 200, 40), (48, 48, 60, 60))
             objects.append(object_xml("cat", (49, 49, 60, 60), difficult=True))
@@ -129,6 +136,7 @@ def prediction(rows, scores, labels) -> dict[str, torch.Tensor]:
             "labels": torch.tensor(labels)}
 
 
+@needs_extra
 def test_map50_of_perfect_predictions_is_one():
     targets = [{"boxes": boxes([0, 0, 10, 10], [20, 20, 40, 30]), "labels": torch.tensor([1, 2])},
                {"boxes": boxes([5, 5, 25, 25]), "labels": torch.tensor([2])}]
@@ -137,6 +145,7 @@ def test_map50_of_perfect_predictions_is_one():
     assert map50(predictions, targets) == pytest.approx(1.0)
 
 
+@needs_extra
 def test_map50_of_one_box_found_of_two():
     # recall reaches 0.5 at precision 1 and never more: 51 of the 101 recall points
     targets = [{"boxes": boxes([0, 0, 10, 10], [30, 30, 50, 50]), "labels": torch.tensor([3, 3])}]
@@ -144,6 +153,7 @@ def test_map50_of_one_box_found_of_two():
     assert map50(predictions, targets) == pytest.approx(51 / 101)
 
 
+@needs_extra
 def test_map50_ignores_difficult_boxes_and_their_detections():
     # GT: a found box, a missed box, a difficult box detected with the top score. Ignored, it
     # leaves recall 1/2 at precision 1 (51/101); counted as an object, recall 2/3 (67/101); as a
@@ -159,6 +169,7 @@ def test_map50_ignores_difficult_boxes_and_their_detections():
 # ---------------------------------------------------------------- fine-tuning
 
 
+@needs_extra
 def test_finetunes_and_a_second_run_resumes_to_the_same_score(voc_root, tmp_path):
     logs: list[str] = []
     ctx = context(tmp_path / "unit", voc_root, logs=logs)
@@ -184,6 +195,7 @@ def test_finetunes_and_a_second_run_resumes_to_the_same_score(voc_root, tmp_path
     assert not any("epoch 1/1, loss" in line for line in logs)  # no training this time
 
 
+@needs_extra
 def test_interrupted_run_resumes_to_the_uninterrupted_result(voc_root, tmp_path, monkeypatch):
     whole = KIND.run(context(tmp_path / "whole", voc_root, epochs=2, milestones=[1]))
 
@@ -207,6 +219,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(voc_root, tmp_path,
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+@needs_extra
 def test_fpn_features_build_and_run(voc_root, tmp_path):
     ctx = context(tmp_path / "unit", voc_root, features="fpn", fpn_channels=32)
     detector = detection.build_detector(ctx.student, ctx.options)
@@ -220,6 +233,7 @@ def test_fpn_features_build_and_run(voc_root, tmp_path):
 
 
 @pytest.mark.slow
+@needs_extra
 def test_finetuning_learns_the_tiny_task(tmp_path):
     # 16 training images, 8 epochs: the rectangles are found (about 48 mAP here); an
     # evaluation with real detections is as repeatable as the training
@@ -280,12 +294,14 @@ def one_line(exc_info) -> str:
     return message
 
 
+@needs_extra
 def test_missing_folder_is_one_line_naming_it(tmp_path):
     with pytest.raises(KtBenchError) as exc:
         KIND.run(context(tmp_path / "unit", tmp_path / "nowhere"))
     assert str(tmp_path / "nowhere" / "VOCdevkit" / "VOC2007") in one_line(exc)
 
 
+@needs_extra
 @pytest.mark.parametrize(("layers", "words"), [
     (["stage4"], "has no tap 'stage4' for detection"),
     (["pool"], "tap 'pool' is no (B, C, H, W) feature map"),
@@ -316,6 +332,7 @@ def test_bad_options_are_one_line(options, words):
     assert words in one_line(exc)
 
 
+@needs_extra
 def test_annotations_without_objects_are_one_line(tmp_path):
     write_voc(tmp_path / "empty", n_train=3, n_test=2, with_objects=False)
     with pytest.raises(KtBenchError) as exc:
@@ -323,10 +340,43 @@ def test_annotations_without_objects_are_one_line(tmp_path):
     assert "has no boxes" in one_line(exc) and "trainval" in one_line(exc)
 
 
-def test_missing_extra_is_one_line(monkeypatch):
-    real = detection.importlib.util.find_spec
-    monkeypatch.setattr(detection.importlib.util, "find_spec",
-                        lambda name: None if name == "pycocotools" else real(name))
+@needs_extra
+def test_map50_of_no_scorable_box_is_minus_one_and_an_error_in_percent():
+    # torchmetrics' -1 where every ground-truth box is ignored must not become -100%
+    target = {"boxes": boxes([0, 0, 10, 10]), "labels": torch.tensor([1]),
+              "iscrowd": torch.tensor([1])}
+    pred = prediction([[0, 0, 10, 10]], [0.9], [1])
+    assert map50([pred], [target]) == -1
+    assert detection.percent_map50([pred], [{**target, "iscrowd": torch.tensor([0])}],
+                                   "voc2007", "test") == pytest.approx(100.0)
     with pytest.raises(KtBenchError) as exc:
-        KIND.check(Spec("voc2007"), Options())
+        detection.percent_map50([pred], [target], "voc2007", "test")
+    assert one_line(exc) == ("the test split of voc2007 has no box to score (every one is "
+                             "difficult)")
+
+
+@needs_extra
+def test_unit_whose_test_boxes_are_all_difficult_is_one_line(tmp_path):
+    write_voc(tmp_path / "voc", n_train=4, n_test=2, difficult_test=True)
+    with pytest.raises(KtBenchError) as exc:
+        KIND.run(context(tmp_path / "unit", tmp_path / "voc"))
+    assert one_line(exc) == ("the test split of voc2007 has no box to score (every one is "
+                             "difficult)")
+
+
+def hide_extra(monkeypatch) -> None:
+    """Make torchmetrics and pycocotools look uninstalled (neither found nor importable)."""
+    for name in ("torchmetrics", "pycocotools"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_missing_extra_fails_run_only(monkeypatch, voc_root, tmp_path):
+    hide_extra(monkeypatch)
+    dataset = Spec("voc2007", {"root": str(voc_root)})
+    KIND.check(dataset, Options())  # a grid with a detection table loads and dry-runs
+    assert KIND.flops(build_model("resnet8", 10, 3, 32), (3, 32, 32), dataset,
+                      Options(min_size=64, max_size=96)) > 0
+    with pytest.raises(KtBenchError) as exc:
+        KIND.run(context(tmp_path / "unit", voc_root))
     assert one_line(exc) == detection.EXTRA_MISSING
+    assert not (tmp_path / "unit").exists()  # it fails before doing anything

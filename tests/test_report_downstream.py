@@ -35,6 +35,8 @@ PROBE = {"student": [69.0, 70.0, 71.0], "kd": [70.0, 72.0, 74.0], "crd": [71.5, 
 #: VOC 2007 mAP50: kd on seed 0 only, crd on none.
 DETECTION = {"student": [40.0, 41.0, 42.0], "kd": [41.5, None, None], "crd": [None] * 3}
 PROBE_COLUMN = "probe-stl10 top1"
+#: The datasets' labels as the crd-cifar100 grid's units name them (and the figures match).
+STL, TINY = "stl10(image_size=32)", "tiny_imagenet(image_size=32)"
 DETECTION_COLUMN = "detection-voc2007 map50"
 
 
@@ -61,10 +63,10 @@ def _downstream() -> pd.DataFrame:
     for method in TOP1:
         for seed in range(3):
             probe = PROBE[method][seed]
-            lines.append(_line(method, seed, "probe-stl10", "linear_probe", "stl10", "top1",
+            lines.append(_line(method, seed, "probe-stl10", "linear_probe", STL, "top1",
                                probe) if probe is not None else
                          # a failed unit with a figure in it: it must count nowhere
-                         _line(method, seed, "probe-stl10", "linear_probe", "stl10", "top1",
+                         _line(method, seed, "probe-stl10", "linear_probe", STL, "top1",
                                5.0, "failed", "CUDA out of memory"))
             if DETECTION[method][seed] is not None:
                 lines.append(_line(method, seed, "detection-voc2007", "detection", "voc2007",
@@ -97,7 +99,7 @@ def test_ok_lines_become_columns_by_cell_and_failed_lines_are_left_out(folder):
     assert math.isnan(by_cell.loc["crd-2", PROBE_COLUMN])  # failed: no value
     assert by_cell.loc["kd-0", DETECTION_COLUMN] == 41.5
     assert math.isnan(by_cell.loc["kd-1", DETECTION_COLUMN])
-    assert by_cell.loc["crd-0", "probe-stl10 dataset"] == "stl10"
+    assert by_cell.loc["crd-0", "probe-stl10 dataset"] == STL
     again = downstream_columns(rows, read_downstream(folder))  # joining twice: once
     pd.testing.assert_frame_equal(again, rows)
     assert split_column(PROBE_COLUMN) == ("probe-stl10", "top1")
@@ -176,7 +178,7 @@ def test_report_shows_the_columns_and_a_downstream_section(folder):
     section = text.split("## Downstream evaluations", 1)[1]
     units = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
     assert [[c.strip() for c in u] for u in units[1:]] == [
-        ["probe-stl10", "linear_probe", "stl10", "top1", "8", "1"],
+        ["probe-stl10", "linear_probe", STL, "top1", "8", "1"],
         ["detection-voc2007", "detection", "voc2007", "map50", "4", "0"],
     ]
     assert "- `probe-stl10`, 1 cell: CUDA out of memory" in section
@@ -248,12 +250,12 @@ def test_downstream_reference_is_the_crd_transfer_table_and_apart_from_result_ro
     assert set(ref["metric"]) == {"top1"}
     figures = {(r.method, r.unit_dataset): r.value for r in ref.itertuples()}
     assert figures == {
-        ("(teacher)", "stl10"): 68.6, ("(teacher)", "tiny_imagenet"): 31.5,
-        ("student", "stl10"): 69.7, ("student", "tiny_imagenet"): 33.7,
-        ("kd", "stl10"): 70.9, ("kd", "tiny_imagenet"): 33.9,
-        ("at", "stl10"): 70.7, ("at", "tiny_imagenet"): 34.2,
-        ("fitnet", "stl10"): 70.3, ("fitnet", "tiny_imagenet"): 33.5,
-        ("crd", "stl10"): 71.6, ("crd", "tiny_imagenet"): 35.6,
-        ("crd+kd", "stl10"): 72.2, ("crd+kd", "tiny_imagenet"): 35.5,
+        ("(teacher)", STL): 68.6, ("(teacher)", TINY): 31.5,
+        ("student", STL): 69.7, ("student", TINY): 33.7,
+        ("kd", STL): 70.9, ("kd", TINY): 33.9,
+        ("at", STL): 70.7, ("at", TINY): 34.2,
+        ("fitnet", STL): 70.3, ("fitnet", TINY): 33.5,
+        ("crd", STL): 71.6, ("crd", TINY): 35.6,
+        ("crd+kd", STL): 72.2, ("crd+kd", TINY): 35.5,
     }
     assert ref["source"].str.contains("giakoumoglou/distillers README; not checked").all()

@@ -12,7 +12,7 @@ import torch
 
 from kt_bench.core.errors import KtBenchError
 from kt_bench.core.options import Spec
-from kt_bench.data import DatasetInfo, dataset_info, load_dataset
+from kt_bench.data import DatasetInfo, Split, TensorData, dataset_info, load_dataset
 from kt_bench.data.imagefolder import FileSource
 
 SIDE = 96
@@ -310,3 +310,46 @@ def test_tiny_imagenet_problems_are_one_line(tmp_path):
     (folder / "val" / "images" / "val_1.JPEG").write_bytes(b"not a jpeg")
     assert one_line_error(lambda: tiny(tmp_path, classes=3)).startswith(
         f"cannot read image {folder / 'val' / 'images' / 'val_1.JPEG'}")
+
+
+# ---- shared parts ----------------------------------------------------------------------------
+
+def test_channel_stats_are_exact_and_independent_of_the_chunking():
+    from kt_bench.data.bundle import channel_stats
+
+    images = torch.randint(0, 256, (37, 3, 9, 9), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    exact = images.double() / 255
+    want_mean = exact.mean(dim=(0, 2, 3)).tolist()
+    want_std = exact.std(dim=(0, 2, 3)).tolist()
+    for chunk in (1, 5 * 3 * 81, 1 << 24):  # an image at a time, 5 at a time, all at once
+        mean, std = channel_stats(images, chunk=chunk)
+        assert mean == pytest.approx(want_mean, abs=1e-14)
+        assert std == pytest.approx(want_std, abs=1e-14)
+
+
+@pytest.mark.parametrize(("name", "key", "value"), [
+    ("stl10", "image_size", 0), ("stl10", "per_class", 0), ("tiny_imagenet", "image_size", -1),
+    ("tiny_imagenet", "per_class", 0), ("tiny_imagenet", "classes", 0)])
+def test_option_below_one_is_a_one_line_config_error(tmp_path, name, key, value):
+    from kt_bench.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        load_dataset(Spec(name, {key: value}), str(tmp_path))
+    assert str(exc.value).startswith(f"{name}: {key} = {value} is invalid; accepted: an "
+                                     "integer >= 1")
+    assert ("none" in str(exc.value)) == (key != "image_size")
+
+
+@pytest.mark.parametrize(("size", "pad"), [(4, 1), (32, 4), (64, 8), (96, 12)])
+def test_stl10_and_tiny_imagenet_crop_with_an_eighth_of_the_side_padded(size, pad):
+    from kt_bench.bench.speed import crop_flip_of
+    from kt_bench.data.augment import crop_flip, random_crop_flip
+
+    images = torch.rand(6, 3, size, size, generator=torch.Generator().manual_seed(1))
+    got = crop_flip(size)(images, torch.Generator().manual_seed(2))
+    want = random_crop_flip(images, torch.Generator().manual_seed(2), pad=pad, flip=True)
+    assert torch.equal(got, want)
+    # the speed benchmark's torchvision pipeline reads the same padding off the bundle
+    held = Split(images, torch.zeros(6, dtype=torch.long))
+    assert crop_flip_of(TensorData("x", held, held, 2, crop_flip(size))) == (pad, True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kt_bench.api.plugins import load_plugins
+from kt_bench.commands.common import add_plugins_arg
 from kt_bench.core.errors import KtBenchError
 from kt_bench.sweep.config import load_grid
 from kt_bench.sweep.downstream import DOWNSTREAM_CSV
@@ -28,11 +30,13 @@ def add_parser(subparsers: argparse._SubParsersAction, help: str) -> argparse.Ar
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--precision", default="auto", help="auto, no, bf16 or fp16")
     parser.add_argument("--data-root", help="where the evaluations' datasets live")
+    add_plugins_arg(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluations for every finished cell of the folder; 1 if a unit failed."""
+    load_plugins(args.plugins)  # a plugin's kind, model or dataset
     evaluations = None
     if args.grid:
         evaluations = evaluations_of(load_grid(args.grid))

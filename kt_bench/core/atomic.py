@@ -188,6 +188,14 @@ def read_json(path: str | os.PathLike) -> Any | None:
         return None
 
 
+def append_line(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` as a timestamped line to the log file ``path`` (a log grows line by
+    line: no temporary file); OSErrors pass to the caller, which decides what a lost line
+    costs."""
+    with open(path, "a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+
 def move_aside(path: str | os.PathLike) -> Path | None:
     """Rename a damaged ``path`` to ``<name>.damaged-<UTC time>`` beside it, keeping it for a
     look; return the new path, or None when ``path`` is gone (another process moved it)."""

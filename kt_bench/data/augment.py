@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kt_bench.data.bundle import Augment
 
 
 def random_crop_flip(
@@ -30,6 +35,12 @@ def random_crop_flip(
         mask = torch.rand(n, generator=generator, device=generator.device).to(dev) < 0.5
         images = torch.where(mask[:, None, None, None], images.flip(3), images)
     return images.contiguous()
+
+
+def crop_flip(image_size: int) -> Augment:
+    """The random crop and flip of :func:`random_crop_flip` for ``image_size`` square images,
+    padded by an eighth of the side (4 at 32, at least 1)."""
+    return functools.partial(random_crop_flip, pad=max(1, round(image_size / 8)), flip=True)
 
 
 def resized_crop_boxes(n: int, height: int, width: int, generator: torch.Generator,

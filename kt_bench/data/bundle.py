@@ -8,6 +8,7 @@ order fixed by (seed, epoch) and split over processes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -104,8 +105,8 @@ class DataBundle:
 
     def train_in_order(self, batch_size: int, device: torch.device) -> Iterator[ImageBatch]:
         """The training split in sample-index order, each image as the test split's are seen
-        (no random augmentation; a streamed dataset's transforms drawn with one fixed seed),
-        for features computed once."""
+        (no random augmentation: a streamed dataset's training images go through its test
+        transforms), for features computed once."""
         raise NotImplementedError
 
     @property
@@ -198,7 +199,7 @@ class TensorData(DataBundle):
             b = idx[start:start + batch_size]
             yield self._sized(self._normalise(on["test"].images[b], on)), on["test"].labels[b]
 
-    def train_in_order(self, batch_size, device):
+    def train_in_order(self, batch_size: int, device: torch.device) -> Iterator[ImageBatch]:
         """The training split in order, normalised and resized, without augmentation."""
         return dataclasses.replace(self, test=self.train, augment=None, _cache={}
                                    ).test_batches(batch_size, device)
@@ -275,10 +276,31 @@ class LoaderData(DataBundle):
         for x, y in self._loader(self.test, batches, device):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-    def train_in_order(self, batch_size, device):
-        """The training split in order through its own transforms, each sample's random
-        draws seeded alike (index, 0), as :meth:`test_batches` loads the test split."""
-        return dataclasses.replace(self, test=self.train).test_batches(batch_size, device)
+    def train_in_order(self, batch_size: int, device: torch.device) -> Iterator[ImageBatch]:
+        """The training split in order through the test split's transform (no random
+        augmentation), loaded as :meth:`test_batches` loads the test split.
+
+        The transform is swapped where both datasets (or, under a ``Subset``, the datasets it
+        views) have a ``transform`` attribute, as torchvision's ``ImageFolder`` and the user
+        datasets' streamed images do; otherwise the training split goes through its own
+        transforms, each sample's random draws seeded alike (index, 0)."""
+
+        Subset = torch.utils.data.Subset
+
+        def base(dataset: Any) -> Any:
+            return base(dataset.dataset) if isinstance(dataset, Subset) else dataset
+
+        def through(dataset: Any, transform: Any) -> Any:
+            if isinstance(dataset, Subset):
+                return Subset(through(dataset.dataset, transform), dataset.indices)
+            plain = copy.copy(dataset)  # shallow: the samples are shared, not reloaded
+            plain.transform = transform
+            return plain
+
+        train = self.train
+        if hasattr(base(train), "transform") and hasattr(base(self.test), "transform"):
+            train = through(train, base(self.test).transform)
+        return dataclasses.replace(self, test=train).test_batches(batch_size, device)
 
     def probe(self, n: int = 2) -> torch.Tensor:
         """The first ``n`` test images (deterministic transforms)."""
@@ -411,10 +433,25 @@ def data_root(root: str | os.PathLike | None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kt-bench" / "data"
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images (N, C, H, W), in the [0, 1] scale."""
-    x = images.float().div_(255)
-    return (tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist()))
+def channel_stats(images: torch.Tensor, chunk: int = 1 << 24
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (unbiased) of uint8 images (N, C, H, W), in the [0, 1] scale.
+
+    Counted about ``chunk`` pixel values at a time, so memory stays bounded however many
+    images there are (a memory-mapped training split is never converted whole)."""
+    channels = images.shape[1]
+    step = max(1, chunk // max(1, images[:1].numel()))
+    counts = torch.zeros(channels, 256, dtype=torch.int64)  # how often each value occurs
+    for start in range(0, len(images), step):
+        part = images[start:start + step]
+        for c in range(channels):
+            counts[c] += torch.bincount(part[:, c].reshape(-1), minlength=256)
+    # sums from the counts are exact integers: the only rounding is each final division
+    values = torch.arange(256, dtype=torch.int64)
+    sums, squares = (counts * values).sum(1).tolist(), (counts * values ** 2).sum(1).tolist()
+    n = images.numel() // channels
+    var = [(n * q - s * s) / (n * max(n - 1, 1)) for s, q in zip(sums, squares, strict=True)]
+    return tuple(s / (255 * n) for s in sums), tuple(v ** 0.5 / 255 for v in var)
 
 
 def normalise(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

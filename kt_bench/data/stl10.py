@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import functools
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kt_bench.core.errors import ConfigError, KtBenchError, first_line
-from kt_bench.data.augment import random_crop_flip
+from kt_bench.data.augment import crop_flip
 from kt_bench.data.bundle import (
     DatasetInfo,
     Split,
@@ -22,6 +20,7 @@ from kt_bench.data.bundle import (
     register_dataset,
 )
 from kt_bench.data.bundle import data_root as resolve_data_root
+from kt_bench.data.image_cache import Recipe
 
 #: The folder torchvision's ``STL10`` extracts its archive into, under the data root.
 FOLDER = "stl10_binary"
@@ -34,7 +33,7 @@ IMAGE_BYTES = 3 * SIDE * SIDE
 #: The class names, where the folder has no ``class_names.txt``.
 CLASS_NAMES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
                "truck")
-#: Images resized at once (bounds the float copy a resize makes).
+#: Images made contiguous at once for resizing (bounds the copy).
 CHUNK = 512
 
 
@@ -106,16 +105,21 @@ def read_images(path: Path, labels: Path, count: int) -> np.ndarray:
 
 
 def resized(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 images (N, 3, 96, 96) resized to ``size`` square (bilinear, antialiased), uint8."""
+    """uint8 images (N, 3, 96, 96) resized to ``size`` square as the user datasets' and
+    Tiny-ImageNet's are (:meth:`Recipe.fixed <kt_bench.data.image_cache.Recipe.fixed>`:
+    torchvision's bilinear resize of a PIL image, antialiased), uint8."""
     if size == SIDE:
         return torch.from_numpy(np.ascontiguousarray(images))
-    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    from PIL import Image
+
+    recipe = Recipe.of("none", size)
+    out = np.empty((len(images), 3, size, size), dtype=np.uint8)
     for start in range(0, len(images), CHUNK):
-        chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + CHUNK])).float()
-        small = F.interpolate(chunk, size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=True)
-        out[start:start + CHUNK] = small.round_().clamp_(0, 255).to(torch.uint8)
-    return out
+        rows = np.ascontiguousarray(images[start:start + CHUNK].transpose(0, 2, 3, 1))
+        for k, img in enumerate(rows):
+            small = recipe.fixed(Image.fromarray(img), train=False)
+            out[start + k] = np.asarray(small, dtype=np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy(out)
 
 
 def read_split(folder: Path, split: str, size: int, per_class: int | None) -> Split:
@@ -140,14 +144,13 @@ def class_names(folder: Path) -> list[str]:
     return names if len(names) == NUM_CLASSES else list(CLASS_NAMES)
 
 
-def check_options(image_size: int, per_class: int | None) -> None:
-    """A one-line ConfigError for an image size or a per-class cap below 1."""
-    if image_size < 1:
-        raise ConfigError(f"stl10: image_size = {image_size} is invalid; accepted: an integer "
-                          ">= 1 (96 keeps the images as they are)")
-    if per_class is not None and per_class < 1:
-        raise ConfigError(f"stl10: per_class = {per_class} is invalid; accepted: an integer "
-                          ">= 1, or none for every image")
+def check_options(dataset: str, **values: int | None) -> None:
+    """A one-line ConfigError naming ``dataset`` for an option of ``values`` below 1 (every
+    option but ``image_size`` may also be None: no limit)."""
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{dataset}: {key} = {value} is invalid; accepted: an integer "
+                              f">= 1{'' if key == 'image_size' else ', or none for no limit'}")
 
 
 def _info(per_class: int | None = None, image_size: int = 32) -> DatasetInfo:
@@ -163,18 +166,17 @@ def stl10(data_root: str | None = None, download: bool = True, per_class: int | 
     Read from ``<data_root>/stl10_binary/{train,test}_{X,y}.bin`` (torchvision's layout;
     downloaded there, about 2.6 GB, when missing and ``download``); the unlabelled split is
     not used. Images are resized once at load to ``image_size`` (default 32, as the CRD paper's
-    linear probes: bilinear, antialiased) and held as uint8, normalised per channel with the
-    training split's mean and std. Training augmentation: random crop of the zero-padded image
-    (padding image_size/8, 4 at 32) and horizontal flip. ``per_class`` keeps the first N
-    training images of each class (the test split stays whole).
+    linear probes: bilinear, antialiased, as Tiny-ImageNet's) and held as uint8, normalised
+    per channel with the training split's mean and std. Training augmentation: random crop of
+    the zero-padded image (padding image_size/8, 4 at 32) and horizontal flip. ``per_class``
+    keeps the first N training images of each class (the test split stays whole).
     """
-    check_options(image_size, per_class)
+    check_options("stl10", image_size=image_size, per_class=per_class)
     folder = fetch(resolve_data_root(data_root), download)
     train = read_split(folder, "train", image_size, per_class)
     test = read_split(folder, "test", image_size, None)
     mean, std = channel_stats(train.images)
-    aug = (functools.partial(random_crop_flip, pad=max(1, round(image_size / 8)), flip=True)
-           if augment else None)
-    bundle = TensorData("stl10", train, test, NUM_CLASSES, aug, mean, std)
+    bundle = TensorData("stl10", train, test, NUM_CLASSES, crop_flip(image_size) if augment
+                        else None, mean, std)
     bundle.classes = class_names(folder)
     return bundle

@@ -3,18 +3,16 @@ memory-mapped uint8 cache under the data root (the user datasets' cache)."""
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
-import torch
-
-from kt_bench.core.errors import ConfigError, KtBenchError, first_line
-from kt_bench.data.augment import random_crop_flip
-from kt_bench.data.bundle import DatasetInfo, TensorData, register_dataset
+from kt_bench.core.errors import KtBenchError, first_line
+from kt_bench.data.augment import crop_flip
+from kt_bench.data.bundle import DatasetInfo, TensorData, channel_stats, register_dataset
 from kt_bench.data.bundle import data_root as resolve_data_root
 from kt_bench.data.image_cache import CACHE_FORMAT, Recipe, cache_folder, cached_splits, digest
 from kt_bench.data.imagefolder import FileSource
+from kt_bench.data.stl10 import check_options
 
 #: The dataset's folder under the data root, and where it is published.
 FOLDER = "tiny-imagenet-200"
@@ -23,8 +21,6 @@ URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 CLASSES, PER_CLASS = 200, 500
 #: The files and folders a copy must have, relative to its folder.
 REQUIRED = ("wnids.txt", "train", "val/val_annotations.txt", "val/images")
-#: Training images converted to float at once while their statistics are taken.
-STATS_CHUNK = 8192
 
 Samples = list[tuple[str, int]]
 
@@ -111,30 +107,6 @@ def identity(source: FileSource) -> list:
                            f"{exc.strerror or first_line(exc)}") from None
 
 
-def chunked_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (unbiased) of uint8 images (N, C, H, W) in the [0, 1] scale,
-    summed a chunk at a time (the training split is too large to convert whole)."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for start in range(0, len(images), STATS_CHUNK):
-        x = images[start:start + STATS_CHUNK].double().div_(255)
-        total += x.sum(dim=(0, 2, 3))
-        squares += x.square().sum(dim=(0, 2, 3))
-    n = images.numel() // images.shape[1]
-    mean = total / n
-    var = (squares - n * mean.square()) / max(n - 1, 1)
-    return tuple(mean.tolist()), tuple(var.clamp_min(0).sqrt().tolist())
-
-
-def check_options(image_size: int, per_class: int | None, classes: int | None) -> None:
-    """A one-line ConfigError for an image size, a per-class cap or a class count below 1."""
-    for key, value in (("image_size", image_size), ("per_class", per_class),
-                       ("classes", classes)):
-        if value is not None and value < 1:
-            raise ConfigError(f"tiny_imagenet: {key} = {value} is invalid; accepted: an "
-                              f"integer >= 1{'' if key == 'image_size' else ', or none'}")
-
-
 def chosen_classes(path: Path, classes: int | None) -> tuple[list[str], dict[str, int]]:
     """The first ``classes`` (default 200) class ids of ``wnids.txt`` and every listed id's
     label; a file listing fewer is a one-line error."""
@@ -173,7 +145,7 @@ def tiny_imagenet(data_root: str | None = None, root: str | None = None, image_s
     ``classes`` keeps the first N classes of ``wnids.txt`` and ``per_class`` the first N
     training images of each (by number); the validation images of the kept classes stay whole.
     """
-    check_options(image_size, per_class, classes)
+    check_options("tiny_imagenet", image_size=image_size, per_class=per_class, classes=classes)
     folder = locate(data_root, root)
     kept, index = chosen_classes(folder / "wnids.txt", classes)
     train = FileSource(train_samples(folder, kept, min(per_class or PER_CLASS, PER_CLASS)),
@@ -185,9 +157,8 @@ def tiny_imagenet(data_root: str | None = None, root: str | None = None, image_s
     prefix = cache_folder(data_root) / f"tiny_imagenet-{digest(key)}"
     tr, te = cached_splits(prefix, train, test, recipe, min(8, os.cpu_count() or 1),
                            {"root": str(folder), "classes": kept})
-    mean, std = chunked_stats(tr.images)
-    aug = (functools.partial(random_crop_flip, pad=max(1, round(image_size / 8)), flip=True)
-           if augment else None)
-    bundle = TensorData("tiny_imagenet", tr, te, len(kept), aug, mean, std)
+    mean, std = channel_stats(tr.images)
+    bundle = TensorData("tiny_imagenet", tr, te, len(kept), crop_flip(image_size) if augment
+                        else None, mean, std)
     bundle.classes = kept
     return bundle

@@ -36,6 +36,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,9 @@ from kt_bench.core.options import Spec
 from kt_bench.core.seeds import derived_seed
 from kt_bench.data.bundle import data_root
 from kt_bench.downstream.kinds import DownstreamKind, UnitContext, register_kind
+from kt_bench.downstream.student import autocast_for, input_channels
 from kt_bench.downstream.voc import VOC2007_SIZES, VOC_CLASSES, VocDetection, split_ids, voc_folder
+from kt_bench.models.macs import count_macs
 from kt_bench.models.taps import TapRecorder
 from kt_bench.training.checkpoints import DamagedFileError, load_checkpoint, save_checkpoint
 
@@ -89,7 +92,6 @@ BOX_HEAD_WIDTH = 1024
 #: Names of stage taps: ``stage1``, ``stage2``, ... (``stage0``, the stem's output, is no stage).
 STAGE_TAP = re.compile(r"stage([1-9][0-9]*)")
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -184,8 +186,8 @@ def record_taps(student: nn.Module, taps: Sequence[str], images: torch.Tensor
     modules = dict(student.named_modules())
     seen: set[str] = set()
 
-    def stop_after(tap: str) -> Callable:
-        def hook(module, inputs, output):
+    def stop_after(tap: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             seen.add(tap)
             if len(seen) == len(recorder.wanted):
                 raise _Reached
@@ -215,10 +217,10 @@ def _taps_of(student: nn.Module) -> str:
 
 
 def _check_input_channels(student: nn.Module) -> None:
-    first_conv = next((m for m in student.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None and first_conv.in_channels != 3:
-        raise KtBenchError(f"model {_model_name(student)} takes {first_conv.in_channels}-channel "
-                           "images; detection images are RGB (3 channels)")
+    channels = input_channels(student)
+    if channels is not None and channels != 3:
+        raise KtBenchError(f"model {_model_name(student)} takes {channels}-channel images; "
+                           "detection images are RGB (3 channels)")
 
 
 def probe_shapes(student: nn.Module, taps: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -271,7 +273,7 @@ class TapBackbone(nn.Module):
     """The student as a detection backbone: its maps at ``taps`` as an ordered dict keyed
     ``"0"``, ``"1"``, ... (shallow to deep). Its BatchNorm layers stay in eval mode."""
 
-    def __init__(self, student: nn.Module, taps: Sequence[str], out_channels: int):
+    def __init__(self, student: nn.Module, taps: Sequence[str], out_channels: int) -> None:
         super().__init__()
         self.student = student
         self.taps = tuple(taps)
@@ -294,7 +296,8 @@ class TapBackbone(nn.Module):
 class FpnBackbone(nn.Module):
     """A feature pyramid over a :class:`TapBackbone`'s maps, with a max-pooled extra level."""
 
-    def __init__(self, body: TapBackbone, in_channels: Sequence[int], out_channels: int):
+    def __init__(self, body: TapBackbone, in_channels: Sequence[int], out_channels: int
+                 ) -> None:
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, LastLevelMaxPool())
@@ -353,13 +356,14 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, flip: bool
     return [pairs[start:start + batch_size] for start in range(0, n, batch_size)]
 
 
-def _collate(items: list) -> tuple[tuple, tuple]:
+def _collate(items: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+             ) -> tuple[tuple, tuple]:
     images, targets = zip(*items, strict=True)
     return images, targets
 
 
-def make_loader(dataset: VocDetection, batches: list, workers: int, device: torch.device
-                ) -> DataLoader:
+def make_loader(dataset: VocDetection, batches: list[list[tuple[int, bool]]], workers: int,
+                device: torch.device) -> DataLoader:
     """A loader of (images, targets) tuples in ``batches``."""
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_collate,
                       num_workers=workers, pin_memory=device.type == "cuda")
@@ -384,11 +388,6 @@ def learning_rate(options: Options, epoch: int, step: int, steps: int) -> float:
     return lr
 
 
-def _autocast(ctx: UnitContext) -> torch.autocast:
-    dtype = AUTOCAST_DTYPES.get(ctx.precision)
-    return torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def train_epoch(model: FasterRCNN, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, loader: DataLoader, ctx: UnitContext,
                 epoch: int) -> float:
@@ -399,7 +398,7 @@ def train_epoch(model: FasterRCNN, optimizer: torch.optim.Optimizer,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(ctx.options, epoch, step, len(loader))
         images, targets = _to(ctx.device, images, targets)
-        with _autocast(ctx):
+        with autocast_for(ctx.device, ctx.precision):
             loss = sum(model(images, targets).values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -415,7 +414,7 @@ def detect(model: FasterRCNN, loader: DataLoader, ctx: UnitContext) -> tuple[lis
     model.eval()
     predictions, all_targets = [], []
     for images, targets in loader:
-        with _autocast(ctx):
+        with autocast_for(ctx.device, ctx.precision):
             outputs = model([image.to(ctx.device) for image in images])
         predictions += [{"boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
                          "labels": o["labels"].cpu()} for o in outputs]
@@ -425,7 +424,8 @@ def detect(model: FasterRCNN, loader: DataLoader, ctx: UnitContext) -> tuple[lis
 
 def map50(predictions: Sequence[dict[str, torch.Tensor]],
           targets: Sequence[dict[str, torch.Tensor]]) -> float:
-    """Mean AP at IoU 0.5 (a fraction; -1 where ``targets`` hold no box) of ``predictions``
+    """Mean AP at IoU 0.5 (a fraction; -1 where ``targets`` hold no box to score: none, or
+    only ``iscrowd`` ones) of ``predictions``
     (``boxes`` xyxy, ``scores``, ``labels`` per image) against ``targets`` (``boxes``,
     ``labels``, optional ``iscrowd``: boxes to ignore), by torchmetrics on pycocotools."""
     require_extras()
@@ -435,6 +435,17 @@ def map50(predictions: Sequence[dict[str, torch.Tensor]],
                                   backend="pycocotools")
     metric.update(list(predictions), list(targets))
     return float(metric.compute()["map_50"])
+
+
+def percent_map50(predictions: Sequence[dict[str, torch.Tensor]],
+                  targets: Sequence[dict[str, torch.Tensor]], dataset: str, split: str) -> float:
+    """:func:`map50` in percent; a one-line error where no box of ``split`` of ``dataset`` can
+    be scored (torchmetrics' -1: every one is difficult, so none counts)."""
+    score = map50(predictions, targets)
+    if score < 0:
+        raise KtBenchError(f"the {split} split of {dataset} has no box to score (every one is "
+                           "difficult)")
+    return score * 100
 
 
 def recipe(options: Options) -> dict[str, Any]:
@@ -478,7 +489,7 @@ def resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     return 0 if state is None else state["epoch"]
 
 
-def _fork_rng(device: torch.device):
+def _fork_rng(device: torch.device) -> AbstractContextManager[None]:
     if device.type != "cuda":
         return torch.random.fork_rng(devices=[])
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -486,29 +497,6 @@ def _fork_rng(device: torch.device):
 
 
 # ---------------------------------------------------------------- compute estimate
-
-
-def count_macs(module: nn.Module, run: Callable[[], Any]) -> int:
-    """Multiply-accumulates of ``module``'s Conv2d and Linear layers while ``run()`` runs."""
-    total = 0
-
-    def hook(layer: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(layer, nn.Conv2d):
-            kh, kw = layer.kernel_size
-            total += output.numel() * layer.in_channels // layer.groups * kh * kw
-        else:
-            total += output.numel() * layer.in_features
-
-    handles = [m.register_forward_hook(hook) for m in module.modules()
-               if isinstance(m, nn.Conv2d | nn.Linear)]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total
 
 
 def detector_macs(student: nn.Module, options: Options) -> tuple[float, float]:
@@ -556,15 +544,16 @@ class Detection(DownstreamKind):
     name = "detection"
     Options = Options
     metrics = ("map50",)
+    run_only = RUN_ONLY
     source = ("Faster R-CNN (Ren et al., 2015) on torchvision's FasterRCNN, fine-tuned with "
               "torchvision's detection reference recipe (SGD, lr 0.02 per 16 images, warm-up) "
               "on the 12-epoch 1x schedule; mAP@0.5 by torchmetrics/pycocotools")
 
     def check(self, dataset: Spec, options: Options) -> None:
-        """The dataset is a detection one, the options hold and the extra is installed."""
+        """The dataset is a detection one and the options hold (the ``detection`` extra is
+        needed by :meth:`run` only, so a grid with a detection table loads without it)."""
         check_dataset(dataset)
         check_options(options)
-        require_extras()
 
     def flops(self, student: nn.Module, student_shape: tuple[int, int, int], dataset: Spec,
               options: Options) -> float:
@@ -574,7 +563,8 @@ class Detection(DownstreamKind):
         return 2.0 * (3 * train * n_train * options.epochs + test * n_test)
 
     def run(self, ctx: UnitContext) -> dict[str, float]:
-        """Fine-tune (resuming from ``detector.pt``), then score the test split."""
+        """Fine-tune (resuming from ``detector.pt``), then score the test split; a one-line
+        error first where the ``detection`` extra is not installed."""
         require_extras()
         options = ctx.options
         folder = dataset_folder(ctx.dataset, ctx.data_root)
@@ -591,7 +581,7 @@ class Detection(DownstreamKind):
                        for start in range(0, len(test_set), options.eval_batch_size)]
             loader = make_loader(test_set, batches, options.workers, ctx.device)
             predictions, targets = detect(model, loader, ctx)
-        score = map50(predictions, targets) * 100
+        score = percent_map50(predictions, targets, ctx.dataset.name, test_split)
         ctx.log(f"detection: mAP@0.5 {score:.2f} on {len(test_set)} {test_split} images")
         return {"map50": score}
 

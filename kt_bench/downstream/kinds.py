@@ -52,6 +52,9 @@ class DownstreamKind:
     metrics: ClassVar[tuple[str, ...]] = ()
     #: Where the kind's recipe comes from, for the README and the unit's ``config.json``.
     source: ClassVar[str] = ""
+    #: Options that change how a unit runs, not what it computes (batch sizes of inference,
+    #: loader processes): left out of the unit's identity, so changing one resumes the unit.
+    run_only: ClassVar[tuple[str, ...]] = ()
 
     def check(self, dataset: Spec, options: Any) -> None:
         """Check, before anything runs, that ``dataset`` is one this kind evaluates on (known,

@@ -12,6 +12,7 @@ ends with the same weights as one never stopped.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,23 @@ from torch import nn
 from kt_bench.core.errors import ConfigError, KtBenchError
 from kt_bench.core.options import Spec
 from kt_bench.core.seeds import derived_seed
-from kt_bench.data import DATASETS, DataBundle, dataset_info, load_dataset
+from kt_bench.data import DataBundle, dataset_info, load_dataset
 from kt_bench.downstream.kinds import DownstreamKind, UnitContext, register_kind
-from kt_bench.downstream.student import pooled, weights_digest
+from kt_bench.downstream.student import (
+    autocast_for,
+    input_channels,
+    pooled,
+    weights_digest,
+)
 from kt_bench.models.macs import forward_macs
 from kt_bench.models.taps import TapRecorder
-from kt_bench.training.checkpoints import load_plain, save_checkpoint
+from kt_bench.training.checkpoints import load_checkpoint, remove_checkpoint, save_checkpoint
 
 #: The cached features of a unit, and the linear classifier's last checkpoint.
 FEATURES, CHECKPOINT = "features.pt", "probe.pt"
+#: What each of them holds.
+FEATURE_KEYS = ("key", "train", "train_labels", "test", "test_labels")
+CHECKPOINT_KEYS = ("features", "epoch", "classifier", "optimizer", "schedule")
 
 
 @dataclass(frozen=True)
@@ -73,26 +82,17 @@ def check_probe_options(options: ProbeOptions, where: str) -> None:
                               f"accepted: {accepted}")
 
 
-def input_channels(model: nn.Module) -> int | None:
-    """The channels of the images ``model`` takes: its first convolution's or linear layer's
-    input width (None where it has neither)."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return None
-
-
 @torch.no_grad()
-def extract(student: nn.Module, tap: str, batches, device: torch.device,
-            precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(student: nn.Module, tap: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+            device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The pooled ``tap`` features (float32, CPU) of every image of ``batches`` and their
-    labels, the student in eval mode on ``device`` (bf16 autocast where ``precision`` says)."""
+    labels, the student in eval mode on ``device`` (under ``precision``'s autocast)."""
     student.eval()
     recorder = TapRecorder(student, student.tap_map, [tap])
     feats, labels = [], []
     try:
         for x, y in batches:
-            with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            with autocast_for(device, precision):
                 taps = recorder.collect(student(x.to(device)))
             feats.append(pooled(taps[tap]).float().cpu())
             labels.append(y.cpu())
@@ -107,24 +107,13 @@ def _features_key(ctx: UnitContext) -> str:
                        "tap": ctx.options.tap, "precision": ctx.precision}, sort_keys=True)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
-    """A unit file's contents, or None where it is missing or damaged (then recomputed)."""
-    if not path.is_file():
-        return None
-    try:
-        state = load_plain(path)
-    except (KtBenchError, OSError, RuntimeError, EOFError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
 def cached_features(ctx: UnitContext, data: DataBundle) -> dict[str, torch.Tensor]:
     """The unit's features (``train``, ``train_labels``, ``test``, ``test_labels``), read from
     ``features.pt`` when it holds those of this student, dataset and tap, else computed and
     written there (and a classifier trained on other features forgotten)."""
     path, key = ctx.folder / FEATURES, _features_key(ctx)
-    cached = _load(path)
-    if cached is not None and cached.get("key") == key:
+    cached = load_checkpoint(path, FEATURE_KEYS, ctx.log, otherwise="computing them again")
+    if cached is not None and cached["key"] == key:
         return cached
     student = ctx.student.to(ctx.device)
     size = ctx.options.eval_batch_size
@@ -134,7 +123,7 @@ def cached_features(ctx: UnitContext, data: DataBundle) -> dict[str, torch.Tenso
                            ctx.device, ctx.precision)
     state = {"key": key, "train": train, "train_labels": train_y, "test": test,
              "test_labels": test_y}
-    (ctx.folder / CHECKPOINT).unlink(missing_ok=True)
+    remove_checkpoint(ctx.folder / CHECKPOINT)  # a classifier of other features
     save_checkpoint(path, state)
     ctx.log(f"features: {tuple(train.shape)} train, {tuple(test.shape)} test, cached in {path}")
     return state
@@ -149,17 +138,20 @@ def _optimizer(classifier: nn.Linear, options: ProbeOptions):
 
 def train_probe(features: dict[str, torch.Tensor], num_classes: int, options: ProbeOptions,
                 seed: int, checkpoint: Path | None = None,
-                on_epoch=None) -> nn.Linear:
+                log: Callable[[str], None] = print) -> nn.Linear:
     """A linear classifier trained on ``features`` with ``options``' recipe, seeded by
-    ``seed``; with ``checkpoint``, resumed from it and saved to it after every epoch.
-    ``on_epoch(epoch)`` runs after each epoch's checkpoint."""
+    ``seed`` (the caller's random state is left alone); with ``checkpoint``, resumed from it
+    (or its previous copy) and saved to it after every epoch."""
     x, y = features["train"], features["train_labels"]
-    torch.manual_seed(derived_seed(seed, 7))
-    classifier = nn.Linear(x.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(seed, 7))
+        classifier = nn.Linear(x.shape[1], num_classes)
     sgd, schedule = _optimizer(classifier, options)
     start = 0
-    saved = _load(checkpoint) if checkpoint is not None else None
-    if saved is not None and saved.get("features") == features["key"]:
+    saved = (load_checkpoint(checkpoint, CHECKPOINT_KEYS, log,
+                             otherwise="training the classifier from scratch")
+             if checkpoint is not None else None)
+    if saved is not None and saved["features"] == features["key"]:
         classifier.load_state_dict(saved["classifier"])
         sgd.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -179,8 +171,6 @@ def train_probe(features: dict[str, torch.Tensor], num_classes: int, options: Pr
                 "features": features["key"], "epoch": epoch + 1,
                 "classifier": classifier.state_dict(), "optimizer": sgd.state_dict(),
                 "schedule": schedule.state_dict()})
-        if on_epoch is not None:
-            on_epoch(epoch + 1)
     return classifier
 
 
@@ -197,13 +187,15 @@ class LinearProbe(DownstreamKind):
     name = "linear_probe"
     Options = ProbeOptions
     metrics = ("top1",)
+    run_only = ("eval_batch_size",)
     source = ("CRD (Tian et al., ICLR 2020), transferability of representations: frozen "
               "network, linear classifier on the layer before the logits; recipe of the DCD "
               "authors' re-run (giakoumoglou/distillers cifar/transfer_student.py)")
 
     def check(self, dataset: Spec, options: Any) -> None:
-        """The dataset is a registered classification dataset; the options are in range."""
-        DATASETS.get(dataset.name)
+        """The dataset is a registered classification dataset with options its loader takes;
+        the options are in range."""
+        dataset_info(dataset)
         check_probe_options(options, "options")
 
     def flops(self, student: nn.Module, student_shape: tuple[int, int, int], dataset: Spec,
@@ -223,6 +215,6 @@ class LinearProbe(DownstreamKind):
                                f"images; the student takes {wanted}-channel images")
         features = cached_features(ctx, data)
         classifier = train_probe(features, data.num_classes, ctx.options, ctx.seed,
-                                 ctx.folder / CHECKPOINT)
+                                 ctx.folder / CHECKPOINT, ctx.log)
         return {"top1": top1(classifier, features["test"], features["test_labels"])}
 

@@ -96,3 +96,20 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(str(value.dtype).encode())
         digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
+
+
+#: The autocast dtype of each mixed precision (``no``: none).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context of ``precision`` (``no``, ``bf16``, ``fp16``) on ``device``."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """The channels of the images ``model`` takes: its first convolution's input channels
+    (None for a model without convolutions)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels

@@ -133,7 +133,8 @@ class VocDetection(Dataset):
     sampler's seed whatever process loads them. Every annotation is read and every image file
     checked up front; a split whose annotations hold no object at all is a one-line error."""
 
-    def __init__(self, folder: Path, split: str, train: bool, max_images: int = 0):
+    def __init__(self, folder: Path, split: str, train: bool, max_images: int = 0
+                 ) -> None:
         self.folder, self.split, self.train = folder, split, train
         self.ids = split_ids(folder, split, max_images)
         self.annotations = [read_annotation(folder / "Annotations" / f"{i}.xml")

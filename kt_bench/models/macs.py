@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
 
-def forward_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
-    """Multiply-adds of convolutions and linear layers in one forward pass of one sample."""
+def count_macs(module: nn.Module, run: Callable[[], Any]) -> int:
+    """Multiply-adds of ``module``'s Conv2d and Linear layers while ``run()`` runs (without
+    gradients)."""
     total = 0
 
-    def conv_hook(m: nn.Conv2d, _inp, out):
+    def hook(layer: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
         nonlocal total
-        k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
-        total += out.numel() * k
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.kernel_size
+            total += output.numel() * layer.in_channels // layer.groups * kh * kw
+        else:
+            total += output.numel() * layer.in_features
 
-    def linear_hook(m: nn.Linear, _inp, out):
-        nonlocal total
-        total += out.numel() * m.in_features
-
-    handles = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
-               for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, *shape))
-    for h in handles:
-        h.remove()
+    handles = [m.register_forward_hook(hook) for m in module.modules()
+               if isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
     return total
+
+
+def forward_macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-adds of convolutions and linear layers in one forward pass of one sample of
+    ``shape`` (the model in eval mode)."""
+    model.eval()
+    return count_macs(model, lambda: model(torch.zeros(1, *shape)))

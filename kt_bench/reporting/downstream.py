@@ -25,18 +25,11 @@ import pandas as pd
 
 from kt_bench.core import atomic
 from kt_bench.core.errors import first_line
-from kt_bench.sweep.rows import warn_once
+from kt_bench.sweep.rows import DOWNSTREAM_COLUMNS, DOWNSTREAM_CSV, UNIT_NAME, warn_once
 
-#: The columns of ``downstream.csv``, in its order.
-DOWNSTREAM_COLUMNS = [
-    "cell_id", "unit", "kind", "dataset", "metric", "value", "status", "error", "wall_s",
-    "grid", "trained_on", "teacher", "student", "method", "seed", "config_id", "setting_id",
-]
-#: Where a run folder keeps its downstream lines.
-DOWNSTREAM_FILE = "downstream.csv"
 #: The second word of a unit's dataset column (``"<unit> dataset"``).
 DATASET_WORD = "dataset"
-_NAME = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
+_NAME = UNIT_NAME
 _COLUMN = re.compile(rf"({_NAME}) ({_NAME})")
 _NUMBERS = ("value", "wall_s")
 
@@ -92,7 +85,7 @@ def read_downstream(out: Path) -> pd.DataFrame:
     and ``wall_s`` numbers, the rest text); no lines where there is no ``downstream.csv``. A
     file that is damaged or that this user may not read is left out whole, with a one-line
     warning on stderr naming it."""
-    path = Path(out) / DOWNSTREAM_FILE
+    path = Path(out) / DOWNSTREAM_CSV
     if not os.path.lexists(path):
         return empty_downstream()
     try:

@@ -10,6 +10,7 @@ again; a failed one is run again. Every unit row of a folder is gathered into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -28,14 +29,10 @@ from kt_bench.core.interrupts import is_stop
 from kt_bench.core.locks import FileLock
 from kt_bench.sweep.cells import config_hash
 from kt_bench.sweep.downstream_config import Downstream, downstream_from_tables, matches
-from kt_bench.sweep.rows import read_rows, warn_once
+from kt_bench.sweep.rows import DOWNSTREAM_COLUMNS, DOWNSTREAM_CSV, read_rows, warn_once
 
-#: The gathered unit rows of a run folder, and the evaluations recorded for it.
-DOWNSTREAM_CSV, DOWNSTREAM_RECORD = "downstream.csv", "downstream.json"
-#: The columns of ``downstream.csv``: the unit, its metric, then its cell's identity.
-DOWNSTREAM_COLUMNS = ["cell_id", "unit", "kind", "dataset", "metric", "value", "status", "error",
-                      "wall_s", "grid", "trained_on", "teacher", "student", "method", "seed",
-                      "config_id", "setting_id"]
+#: The evaluations recorded for a run folder.
+DOWNSTREAM_RECORD = "downstream.json"
 #: The fields of a cell's row that identify it in its units' rows.
 CELL_FIELDS = ("grid", "teacher", "student", "method", "seed", "config_id", "setting_id")
 
@@ -51,7 +48,7 @@ class Unit:
     @property
     def unit_id(self) -> str:
         """The unit's folder name: its evaluation's name and config hash."""
-        return f"{self.downstream.name}-{config_hash(self.downstream.config(), 8)}"
+        return f"{self.downstream.name}-{config_hash(self.downstream.identity(), 8)}"
 
     def folder(self, out: Path) -> Path:
         """Where the unit keeps its files in run folder ``out``."""
@@ -60,7 +57,8 @@ class Unit:
     def identity(self) -> dict[str, Any]:
         """The identifying fields of the unit's row (and of each line of downstream.csv)."""
         return {"cell_id": self.cell["cell_id"], "unit": self.downstream.name,
-                "kind": self.downstream.kind, "dataset": self.downstream.dataset.label,
+                "unit_id": self.unit_id, "kind": self.downstream.kind,
+                "dataset": self.downstream.dataset.label,
                 "trained_on": self.cell.get("dataset"),
                 **{k: self.cell.get(k) for k in CELL_FIELDS}}
 
@@ -75,8 +73,8 @@ def record_evaluations(out: Path, evaluations: list[Downstream]) -> None:
     """Keep ``evaluations`` in ``<out>/downstream.json`` (added to those recorded before), so
     that ``kt-bench downstream OUT`` runs them later without the grid file."""
     with FileLock(out / ".downstream.lock"):
-        known = {t["name"]: t for t in _recorded_tables(out)}
-        known.update({ev.name: ev.to_table() for ev in evaluations})
+        known = {(t["name"], tuple(t.get("only", []))): t for t in _recorded_tables(out)}
+        known.update({(ev.name, ev.only): ev.to_table() for ev in evaluations})
         atomic.write_json(out / DOWNSTREAM_RECORD, list(known.values()))
 
 
@@ -92,7 +90,8 @@ def _recorded_tables(out: Path) -> list[dict[str, Any]]:
 
 def recorded_evaluations(out: Path) -> list[Downstream]:
     """The evaluations recorded in ``<out>/downstream.json`` (none where there is no file)."""
-    return downstream_from_tables(_recorded_tables(out), str(out / DOWNSTREAM_RECORD))
+    return downstream_from_tables(_recorded_tables(out), str(out / DOWNSTREAM_RECORD),
+                                  by_selection=True)
 
 
 def finished_unit(out: Path, unit: Unit) -> dict[str, Any] | None:
@@ -106,11 +105,9 @@ def finished_unit(out: Path, unit: Unit) -> dict[str, Any] | None:
 
 
 def _log(folder: Path, text: str) -> None:
-    try:
-        with open(folder / "log.txt", "a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-    except OSError:
-        pass  # the row says what matters
+    """Append ``text`` to the unit's ``log.txt`` if it can be (the row says what matters)."""
+    with contextlib.suppress(OSError):
+        atomic.append_line(folder / "log.txt", text)
 
 
 def run_unit(unit: Unit, out: Path, device: torch.device, precision: str,
@@ -170,6 +167,7 @@ def run_units(units: list[Unit], out: Path, device: torch.device, precision: str
             write_downstream_csv(out)
         rows.append(row)
         say(f"[downstream {i + 1}/{len(units)}] {_summary(row)}")
+    write_downstream_csv(out)  # also when every unit was done before: never a stale file
     return rows
 
 
@@ -180,12 +178,26 @@ def _summary(row: dict[str, Any]) -> str:
     return what + ": " + ", ".join(f"{k} {v:.2f}" for k, v in row["metrics"].items())
 
 
+def _newest_rows(out: Path) -> list[Path]:
+    """The ``result.json`` of each (cell, evaluation name) of ``out``: the newest where a
+    changed recipe left the unit of the old one beside it."""
+    newest: dict[tuple[str, str], Path] = {}
+    for path in sorted((out / "cells").glob("*/downstream/*/result.json")):
+        key = (path.parents[2].name, path.parent.name.rsplit("-", 1)[0])
+        try:
+            if key not in newest or path.stat().st_mtime > newest[key].stat().st_mtime:
+                newest[key] = path
+        except OSError:
+            newest.setdefault(key, path)  # reading it names the problem
+    return sorted(newest.values())
+
+
 def read_unit_rows(out: Path) -> pd.DataFrame:
     """Every unit row of run folder ``out``, one line per metric (a failed unit: one line
     without a metric), in :data:`DOWNSTREAM_COLUMNS`; unreadable or damaged rows are named
     in a warning and left out."""
     lines = []
-    for path in sorted((out / "cells").glob("*/downstream/*/result.json")):
+    for path in _newest_rows(out):
         try:
             row = atomic.read_json(path)
         except (UnreadableFileError, ValueError, KtBenchError) as exc:

@@ -12,11 +12,12 @@ from typing import Any
 from kt_bench.core.errors import ConfigError, KtBenchError
 from kt_bench.core.options import Spec, plain
 from kt_bench.sweep.config import dataclass_from_table
+from kt_bench.sweep.rows import UNIT_NAME
 
 DOWNSTREAM_KEYS = ("name", "kind", "dataset", "only", "options")
 #: The cell fields an ``only`` filter may name (as ``--only`` does).
 FILTER_KEYS = ("dataset", "teacher", "student", "method", "seed")
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_NAME = re.compile(UNIT_NAME)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,17 @@ class Downstream:
         return {"name": self.name, "kind": self.kind, "dataset": self.dataset.to_dict(),
                 "options": plain(dataclasses.asdict(self.options)), "only": list(self.only),
                 "source": DOWNSTREAM_KINDS.get(self.kind).source}
+
+    def identity(self) -> dict[str, Any]:
+        """What determines a unit's result (its id's hash): the kind, the dataset and the
+        options that change what it computes (not the selection, the recipe's source text,
+        nor the kind's ``run_only`` options)."""
+        from kt_bench.downstream import DOWNSTREAM_KINDS
+
+        run_only = DOWNSTREAM_KINDS.get(self.kind).run_only
+        options = {k: v for k, v in plain(dataclasses.asdict(self.options)).items()
+                   if k not in run_only}
+        return {"kind": self.kind, "dataset": self.dataset.to_dict(), "options": options}
 
     def to_table(self) -> dict[str, Any]:
         """The table a grid file would hold for this evaluation (read back by
@@ -110,14 +122,17 @@ def downstream_from_table(table: Any, where: str) -> Downstream:
                       _filters(table.get("only", []), f"{where}.only"))
 
 
-def downstream_from_tables(value: Any, source: str) -> list[Downstream]:
-    """A grid's ``downstream`` array of tables; names are unique within it."""
+def downstream_from_tables(value: Any, source: str, by_selection: bool = False
+                           ) -> list[Downstream]:
+    """A grid's ``downstream`` array of tables; names are unique within it (with
+    ``by_selection``, as a run folder records the parts of a grid, unique with their
+    ``only`` filters)."""
     if not isinstance(value, list):
         raise ConfigError(f"{source}: downstream must be an array of tables ([[downstream]])")
     units = [downstream_from_table(t, f"{source}: downstream[{i}]") for i, t in enumerate(value)]
-    names = [u.name for u in units]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"{source}: two downstream tables are named '{name}'; give each "
-                              "its own name")
+    keys = [(u.name, u.only if by_selection else ()) for u in units]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ConfigError(f"{source}: two downstream tables are named '{key[0]}'; give "
+                              "each its own name")
     return units

@@ -25,6 +25,14 @@ RESULT_COLUMNS = [
     "top1_best", "teacher_top1", "wall_s", "images_per_s", "world_size", "precision", "status",
     "error", "cell_id", "config_id", "setting_id",
 ]
+#: Where a run folder gathers its downstream units' rows, one line per metric, in these
+#: columns: the unit, its metric, then its cell's identity (``trained_on``: the cell's dataset).
+DOWNSTREAM_CSV = "downstream.csv"
+DOWNSTREAM_COLUMNS = ["cell_id", "unit", "kind", "dataset", "metric", "value", "status", "error",
+                      "wall_s", "grid", "trained_on", "teacher", "student", "method", "seed",
+                      "config_id", "setting_id"]
+#: What a downstream evaluation's (and a metric's) name may be: a folder name without spaces.
+UNIT_NAME = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
 #: Statuses of cells that are finished and never run again (failed and oom cells are retried;
 #: ``n/a``: the method does not apply to the pair).
 DONE_STATUSES = ("ok", "diverged", "n/a")

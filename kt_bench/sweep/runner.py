@@ -63,8 +63,8 @@ def _writing(path: Path) -> Iterator[None]:
 
 def _log_line(cell_dir: Path, text: str) -> None:
     path = cell_dir / "log.txt"
-    with _writing(path), open(path, "a") as fh:
-        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+    with _writing(path):
+        atomic.append_line(path, text)
 
 
 def _log_quietly(cell_dir: Path, text: str) -> None:

@@ -8,7 +8,6 @@ import copy
 import os
 import pickle
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -116,8 +115,7 @@ def log_beside(path: Path) -> Log:
     def log(line: str) -> None:
         tqdm.write(f"kt-bench: {line}", file=sys.stderr)
         try:
-            with open(log_file, "a") as fh:
-                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            atomic.append_line(log_file, line)
         except OSError as exc:
             if log_file not in _unwritable_logs:
                 _unwritable_logs.add(log_file)

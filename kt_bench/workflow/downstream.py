@@ -6,6 +6,7 @@ Imported only to run evaluations: it loads torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -33,31 +34,27 @@ from kt_bench.training.device import check_device_and_precision, make_accelerato
 from kt_bench.training.hooks import say
 
 
-def _in_leaf(identity: dict[str, Any], leaf: Grid) -> bool:
-    """Whether the cell of row ``identity`` is one of ``leaf``'s (its dataset, pair and
-    method), so that an included grid's evaluations apply to its own cells only."""
-    return (identity["dataset"] in {d.label for d in leaf.datasets}
-            and (identity["teacher"], identity["student"])
-            in {(p.teacher.label, p.student.label) for p in leaf.pairs}
-            and identity["method"] in leaf.methods)
-
-
-def grid_units(grid: Grid, cells: list[Cell]) -> list[Unit]:
-    """The units of ``grid``'s ``[[downstream]]`` evaluations (each part's, for its own
-    cells) for ``cells``."""
-    identities = [c.identity() for c in cells]
-    return [unit for leaf in grid.leaves() if leaf.downstream
-            for unit in units_for([i for i in identities if _in_leaf(i, leaf)],
-                                  leaf.downstream)]
+def _leaf_filters(leaf: Grid) -> tuple[str, ...]:
+    """``only`` filters selecting the cells of ``leaf`` by name: its datasets, teachers,
+    students and methods (so that an included grid's evaluations apply to its own cells)."""
+    names = {"dataset": [d.name for d in leaf.datasets],
+             "teacher": [p.teacher.name for p in leaf.pairs],
+             "student": [p.student.name for p in leaf.pairs], "method": leaf.methods}
+    return tuple(f"{key}={','.join(dict.fromkeys(values))}" for key, values in names.items())
 
 
 def evaluations_of(grid: Grid) -> list[Downstream]:
-    """Every evaluation of ``grid`` and its parts, each name once."""
-    found: dict[str, Downstream] = {}
-    for leaf in grid.leaves():
-        for ev in leaf.downstream:
-            found.setdefault(ev.name, ev)
-    return list(found.values())
+    """Every evaluation of ``grid``; in a grid made of parts (``include``), each part's with
+    filters selecting that part's cells added to its ``only``."""
+    if not grid.parts:
+        return list(grid.downstream)
+    return [dataclasses.replace(ev, only=ev.only + _leaf_filters(leaf))
+            for leaf in grid.leaves() for ev in leaf.downstream]
+
+
+def grid_units(grid: Grid, cells: list[Cell]) -> list[Unit]:
+    """The units of ``grid``'s evaluations for ``cells``."""
+    return units_for([c.identity() for c in cells], evaluations_of(grid))
 
 
 def units_plan(units: list[Unit], cells: list[Cell]) -> pd.DataFrame:
@@ -92,18 +89,25 @@ def print_units_plan(table: pd.DataFrame) -> None:
 
 def run_after_cells(grid: Grid, cells: list[Cell], rows: pd.DataFrame, out: Path,
                     device: Any, precision: str, data_root: str | None) -> list[dict]:
-    """Run the units of ``cells`` whose ``rows`` say they finished ok, after recording the
-    grid's evaluations in the folder; their rows."""
+    """Run the units of ``cells`` whose ``rows`` say they finished ok; their rows."""
     evaluations = evaluations_of(grid)
     if not evaluations:
         return []
-    record_evaluations(out, evaluations)
     ok = set(rows.loc[rows["status"] == "ok", "cell_id"]) if not rows.empty else set()
     units = [u for u in grid_units(grid, cells) if u.cell["cell_id"] in ok]
     if not units:
         return []
     say(f"downstream: {len(units)} unit(s) of {len(evaluations)} evaluation(s)")
     return run_units(units, out, device, precision, data_root, say)
+
+
+def record_grid(grid: Grid, out: Path) -> None:
+    """Record ``grid``'s evaluations in run folder ``out`` (before its cells run), so that
+    ``kt-bench downstream OUT`` runs them later: after ``--no-downstream``, cluster jobs or an
+    interrupted run."""
+    evaluations = evaluations_of(grid)
+    if evaluations:
+        record_evaluations(out, evaluations)
 
 
 def run_for_folder(out: Path, evaluations: list[Downstream] | None, only: list[str],

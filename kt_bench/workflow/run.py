@@ -51,7 +51,13 @@ from kt_bench.training.device import check_device_and_precision, make_accelerato
 from kt_bench.training.hooks import say
 from kt_bench.training.recipe import Recipe
 from kt_bench.training.tracking import check_trackers, tracker_names
-from kt_bench.workflow.downstream import grid_units, print_units_plan, run_after_cells, units_plan
+from kt_bench.workflow.downstream import (
+    grid_units,
+    print_units_plan,
+    record_grid,
+    run_after_cells,
+    units_plan,
+)
 from kt_bench.workflow.settings import RunSettings
 
 #: What a grid is given as: a built-in grid's name, a grid file's path, a :class:`Grid`, or a
@@ -320,6 +326,7 @@ def _run_here(settings: RunSettings, plan: _Plan, precision: str,
         if settings.cli:  # a process's start-up is a command's; a notebook's is long past
             CLOCK.on_done = lambda clock: _report_startup(clock, plan.out)
         write_manifest(plan.out, plan.cells)
+        record_grid(plan.grid, plan.out)
         n = accelerator.num_processes
         print(f"grid '{plan.grid.name}': {len(plan.cells)} cells on {accelerator.device} "
               f"(precision {precision}, {n} process{'es' if n > 1 else ''}) -> {plan.out}",
@@ -387,6 +394,7 @@ def _run_as_jobs(settings: RunSettings, plan: _Plan, precision: str,
         str(Path(settings.data_root).resolve()) if settings.data_root else None,
         settings.device, precision, settings.compile,
         [str(Path(p).resolve()) for p in settings.plugins], trackers, settings.fuse)
+    record_grid(plan.grid, plan.out)
     submitted = launch.submit_cells(plan.cells, settings.launcher, cfg, settings_of_jobs,
                                     cohort=settings.cohort)
     print(f"grid '{plan.grid.name}': {len(plan.cells)} cells, {submitted.done_before} already "
@@ -398,17 +406,23 @@ def _run_as_jobs(settings: RunSettings, plan: _Plan, precision: str,
     for line in problems:
         print(f"kt-bench: {line}", file=sys.stderr)
     rows, missing = launch.rows_of(plan.cells, plan.out)
-    units = []
-    if settings.downstream and not rows.empty:  # here, after the jobs trained the cells
-        accelerator = make_accelerator(settings.device, precision)
-        units = run_after_cells(plan.grid, plan.cells, rows, plan.out, accelerator.device,
-                                precision, settings.data_root)
+    if settings.downstream:
+        _say_units_left(plan)
     if missing:
         print(f"kt-bench: {missing} cell(s) have no row; see kt-bench status {plan.out}",
               file=sys.stderr)
     code = (_print_results(rows, plan.out, not settings.report, settings.correct)
             if not rows.empty else 1)
-    return 1 if missing or problems or _units_code(units) else code
+    return 1 if missing or problems else code
+
+
+def _say_units_left(plan: _Plan) -> None:
+    """Where cluster jobs trained the cells, their downstream units are not run by the
+    waiting process (a login node): say how to run them."""
+    units = grid_units(plan.grid, plan.cells)
+    if units:
+        print(f"kt-bench: {len(units)} downstream unit(s) are not run by cluster jobs; run "
+              f"kt-bench downstream {plan.out} where the accelerator is", file=sys.stderr)
 
 
 def _print_results(df: pd.DataFrame, out: Path, no_report: bool, correct: str) -> int:
