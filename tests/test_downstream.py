@@ -285,12 +285,13 @@ def test_a_failing_unit_fails_alone_and_leaves_its_cell_alone(tmp_path, capsys):
 [[downstream]]
 name = "probe-stl10"
 kind = "linear_probe"
-dataset = { name = "imagefolder", root = "NOWHERE", image_size = 8 }
+dataset = { name = "stl10", download = false, image_size = 8 }
 """
-    grid = _write_grid(tmp_path, missing.replace("NOWHERE", str(tmp_path / "nowhere")))
+    grid = _write_grid(tmp_path, missing)
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "run", "--grid", str(grid), "--out", str(out), "--device",
-                           "cpu", "--precision", "no", "--no-report", "--methods", "student")
+                           "cpu", "--precision", "no", "--no-report", "--methods", "student",
+                           "--data-root", str(tmp_path / "nowhere"))
     assert code == 1 and "1 downstream unit(s) did not finish ok: probe-stl10 of student" in err
     rows = pd.read_csv(out / "results.csv")
     assert list(rows["status"]) == ["ok"]

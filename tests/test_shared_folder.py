@@ -172,7 +172,7 @@ def test_a_log_that_may_not_be_written_is_named_once_and_the_run_goes_on(tmp_pat
     def denied_open(file, *args, **kwargs):
         raise _denied(Path(file))
 
-    monkeypatch.setattr(checkpoints, "open", denied_open, raising=False)
+    monkeypatch.setattr(atomic, "open", denied_open, raising=False)  # its log lines' file
     log = log_beside(tmp_path / "checkpoint.pt")
     log("first line")
     log("second line")
