@@ -23,6 +23,11 @@ def test_demo_grid_trains_a_teacher_clearly_above_the_student(tmp_path, capsys):
     assert rows["teacher_top1"].iloc[0] >= student + 1.0
     stdout = capsys.readouterr().out
     assert all(m in stdout for m in DEMO_METHODS)
+    # the demo's downstream evaluation: a linear probe of every student, a column of its own
+    probes = pd.read_csv(tmp_path / "demo" / "downstream.csv")
+    assert len(probes) == len(rows) and (probes["status"] == "ok").all()
+    assert set(probes["unit"]) == {"probe-digits"} and probes["value"].between(0, 100).all()
+    assert "probe-digits top1 (Δ vs student" in stdout
     for name in ("report.md", "report/table.tex", "report/accuracy.png", "report/curves.png"):
         assert (tmp_path / "demo" / name).exists(), name
 
