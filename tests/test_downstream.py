@@ -124,13 +124,14 @@ def test_probe_top1_is_a_linear_classifier_on_the_pooled_last_stage(tmp_path, da
 
 def test_features_are_computed_once_and_again_for_other_weights(tmp_path, monkeypatch):
     first = PROBE.run(_ctx(tmp_path, _student()))
-    calls = []
-    real = lp.extract
+    calls, loads = [], []
+    real, real_load = lp.extract, lp.load_dataset
     monkeypatch.setattr(lp, "extract", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(lp, "load_dataset", lambda *a: loads.append(1) or real_load(*a))
     (tmp_path / lp.CHECKPOINT).unlink()  # the classifier trains again, on the cached features
-    assert PROBE.run(_ctx(tmp_path, _student())) == first and calls == []
+    assert PROBE.run(_ctx(tmp_path, _student())) == first and calls == [] and loads == []
     other = PROBE.run(_ctx(tmp_path, _student(seed=1)))  # another student: computed again
-    assert calls == [1, 1] and other != first
+    assert calls == [1, 1] and loads == [1] and other != first
     assert load_plain(tmp_path / lp.CHECKPOINT)["epoch"] == OPTIONS.epochs
 
 

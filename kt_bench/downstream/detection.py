@@ -37,7 +37,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,12 @@ from kt_bench.downstream.student import autocast_for, input_channels
 from kt_bench.downstream.voc import VOC2007_SIZES, VOC_CLASSES, VocDetection, split_ids, voc_folder
 from kt_bench.models.macs import count_macs
 from kt_bench.models.taps import TapRecorder
-from kt_bench.training.checkpoints import DamagedFileError, load_checkpoint, save_checkpoint
+from kt_bench.training.checkpoints import (
+    DamagedFileError,
+    load_checkpoint,
+    load_states,
+    save_checkpoint,
+)
 
 #: ImageNet's per-channel mean and std (torchvision's detection defaults).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -450,31 +455,22 @@ def percent_map50(predictions: Sequence[dict[str, torch.Tensor]],
 
 def recipe(options: Options) -> dict[str, Any]:
     """The options that decide a unit's result, as plain data (kept in its checkpoint)."""
-    return {k: list(v) if isinstance(v, tuple | list) else v
-            for k, v in asdict(options).items() if k not in RUN_ONLY}
+    return Detection().result_options(options)
 
 
 def _restorer(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
               options: Options) -> Callable[[dict[str, Any]], None]:
     """Loads a checkpoint into the three, or raises leaving them as they were."""
-    fresh = copy.deepcopy((model.state_dict(), optimizer.state_dict(), scaler.state_dict()))
 
     def apply(state: dict[str, Any]) -> None:
         if state["options"] != recipe(options):
             raise DamagedFileError("written by another detection recipe")
         if not isinstance(state["epoch"], int) or not 0 <= state["epoch"] <= options.epochs:
             raise DamagedFileError(f"its epoch is {state['epoch']!r}")
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if state["scaler"]:
-                scaler.load_state_dict(state["scaler"])
-        except Exception:
-            model.load_state_dict(fresh[0])
-            optimizer.load_state_dict(fresh[1])
-            if fresh[2]:
-                scaler.load_state_dict(fresh[2])
-            raise
+        pairs = [(model, state["model"]), (optimizer, state["optimizer"])]
+        if state["scaler"]:  # a disabled scaler (no fp16) saves an empty state
+            pairs.append((scaler, state["scaler"]))
+        load_states(pairs)
     return apply
 
 

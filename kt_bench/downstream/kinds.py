@@ -4,6 +4,7 @@ compute estimate for dry runs, and how to run one unit."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kt_bench.core.options import Spec
+from kt_bench.core.options import Spec, plain
 from kt_bench.core.registry import Registry
 
 
@@ -55,6 +56,12 @@ class DownstreamKind:
     #: Options that change how a unit runs, not what it computes (batch sizes of inference,
     #: loader processes): left out of the unit's identity, so changing one resumes the unit.
     run_only: ClassVar[tuple[str, ...]] = ()
+
+    def result_options(self, options: Any) -> dict[str, Any]:
+        """``options`` (an :attr:`Options` instance) as plain data, less the ``run_only`` ones:
+        what decides a unit's result (its identity, and what a checkpoint must match)."""
+        return {k: v for k, v in plain(dataclasses.asdict(options)).items()
+                if k not in self.run_only}
 
     def check(self, dataset: Spec, options: Any) -> None:
         """Check, before anything runs, that ``dataset`` is one this kind evaluates on (known,

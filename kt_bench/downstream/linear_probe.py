@@ -39,7 +39,7 @@ from kt_bench.training.checkpoints import load_checkpoint, remove_checkpoint, sa
 #: The cached features of a unit, and the linear classifier's last checkpoint.
 FEATURES, CHECKPOINT = "features.pt", "probe.pt"
 #: What each of them holds.
-FEATURE_KEYS = ("key", "train", "train_labels", "test", "test_labels")
+FEATURE_KEYS = ("key", "train", "train_labels", "test", "test_labels", "num_classes")
 CHECKPOINT_KEYS = ("features", "epoch", "classifier", "optimizer", "schedule")
 
 
@@ -107,14 +107,20 @@ def _features_key(ctx: UnitContext) -> str:
                        "tap": ctx.options.tap, "precision": ctx.precision}, sort_keys=True)
 
 
-def cached_features(ctx: UnitContext, data: DataBundle) -> dict[str, torch.Tensor]:
-    """The unit's features (``train``, ``train_labels``, ``test``, ``test_labels``), read from
-    ``features.pt`` when it holds those of this student, dataset and tap, else computed and
+def cached_features(ctx: UnitContext, load: Callable[[], DataBundle]) -> dict[str, Any]:
+    """The unit's features (``train``, ``train_labels``, ``test``, ``test_labels``) and the
+    dataset's ``num_classes``, read from ``features.pt`` when it holds those of this student,
+    dataset and tap; else the dataset is loaded (``load()``), its features computed and
     written there (and a classifier trained on other features forgotten)."""
     path, key = ctx.folder / FEATURES, _features_key(ctx)
     cached = load_checkpoint(path, FEATURE_KEYS, ctx.log, otherwise="computing them again")
     if cached is not None and cached["key"] == key:
         return cached
+    data = load()
+    wanted = input_channels(ctx.student)
+    if wanted is not None and data.in_channels != wanted:
+        raise KtBenchError(f"dataset {ctx.dataset.label} has {data.in_channels}-channel "
+                           f"images; the student takes {wanted}-channel images")
     student = ctx.student.to(ctx.device)
     size = ctx.options.eval_batch_size
     train, train_y = extract(student, ctx.options.tap, data.train_in_order(size, ctx.device),
@@ -122,7 +128,7 @@ def cached_features(ctx: UnitContext, data: DataBundle) -> dict[str, torch.Tenso
     test, test_y = extract(student, ctx.options.tap, data.test_batches(size, ctx.device),
                            ctx.device, ctx.precision)
     state = {"key": key, "train": train, "train_labels": train_y, "test": test,
-             "test_labels": test_y}
+             "test_labels": test_y, "num_classes": data.num_classes}
     remove_checkpoint(ctx.folder / CHECKPOINT)  # a classifier of other features
     save_checkpoint(path, state)
     ctx.log(f"features: {tuple(train.shape)} train, {tuple(test.shape)} test, cached in {path}")
@@ -207,14 +213,10 @@ class LinearProbe(DownstreamKind):
         return 2.0 * forward_macs(student, shape) * 2 * info.n_train
 
     def run(self, ctx: UnitContext) -> dict[str, float]:
-        """Features (cached), the classifier (resumed), its top-1 on the test features."""
-        data = load_dataset(ctx.dataset, ctx.data_root)
-        wanted = input_channels(ctx.student)
-        if wanted is not None and data.in_channels != wanted:
-            raise KtBenchError(f"dataset {ctx.dataset.label} has {data.in_channels}-channel "
-                               f"images; the student takes {wanted}-channel images")
-        features = cached_features(ctx, data)
-        classifier = train_probe(features, data.num_classes, ctx.options, ctx.seed,
-                                 ctx.folder / CHECKPOINT, ctx.log)
+        """Features (cached: the dataset is loaded only to compute them), the classifier
+        (resumed), its top-1 on the test features."""
+        features = cached_features(ctx, lambda: load_dataset(ctx.dataset, ctx.data_root))
+        classifier = train_probe(features, int(features["num_classes"]), ctx.options,
+                                 ctx.seed, ctx.folder / CHECKPOINT, ctx.log)
         return {"top1": top1(classifier, features["test"], features["test_labels"])}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,12 @@ import pandas as pd
 import torch
 
 from kt_bench.core import atomic
-from kt_bench.core.errors import KtBenchError, UnreadableFileError, first_line
+from kt_bench.core.errors import (
+    KtBenchError,
+    UnreadableFileError,
+    UnwritableFileError,
+    first_line,
+)
 from kt_bench.core.interrupts import is_stop
 from kt_bench.core.locks import FileLock
 from kt_bench.sweep.cells import config_hash
@@ -219,9 +223,8 @@ def write_downstream_csv(out: Path) -> pd.DataFrame:
         df = read_unit_rows(out)
         try:
             atomic.write_text(out / DOWNSTREAM_CSV, df.to_csv(index=False))
-        except KtBenchError as exc:
-            print(f"kt-bench: warning: {exc}; the rows are in the units' result.json",
-                  file=sys.stderr)
+        except UnwritableFileError as exc:
+            warn_once(f"{exc}; the rows are in the units' result.json")
     return df
 
 

@@ -47,9 +47,7 @@ class Downstream:
         nor the kind's ``run_only`` options)."""
         from kt_bench.downstream import DOWNSTREAM_KINDS
 
-        run_only = DOWNSTREAM_KINDS.get(self.kind).run_only
-        options = {k: v for k, v in plain(dataclasses.asdict(self.options)).items()
-                   if k not in run_only}
+        options = DOWNSTREAM_KINDS.get(self.kind).result_options(self.options)
         return {"kind": self.kind, "dataset": self.dataset.to_dict(), "options": options}
 
     def to_table(self) -> dict[str, Any]:

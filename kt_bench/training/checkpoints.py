@@ -184,6 +184,20 @@ def _check_progress(state: dict[str, Any]) -> None:
         raise DamagedFileError("its train_s or images is not a number")
 
 
+def load_states(pairs: Sequence[tuple[Any, Any]]) -> None:
+    """Load each ``(object, state)`` pair's state into its object (``load_state_dict``), all or
+    none: where one does not fit, every object gets its state from before back (a state that
+    half fits would leave half of it loaded) and the error is raised."""
+    before = [copy.deepcopy(obj.state_dict()) for obj, _ in pairs]
+    try:
+        for obj, state in pairs:
+            obj.load_state_dict(state)
+    except Exception:
+        for (obj, _), original in zip(pairs, before, strict=True):
+            obj.load_state_dict(original)
+        raise
+
+
 def restore_training(path: Path, trainee: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler: Any, main: bool = True,
                      init_optimizer: torch.optim.Optimizer | None = None
@@ -195,21 +209,13 @@ def restore_training(path: Path, trainee: torch.nn.Module, optimizer: torch.opti
     ``path``."""
     if not (path.exists() or previous_path(path).exists()):
         return None
-    parts = [p for p in (trainee, optimizer, scheduler, init_optimizer) if p is not None]
-    # a state that half fits would leave half of it loaded: restore the fresh start
-    fresh = [copy.deepcopy(part.state_dict()) for part in parts]
 
     def apply(state: dict[str, Any]) -> None:
         _check_progress(state)
-        try:
-            trainee.load_state_dict(state["trainee"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if init_optimizer is not None and state.get("init_optimizer") is not None:
-                init_optimizer.load_state_dict(state["init_optimizer"])
-        except Exception:
-            for part, original in zip(parts, fresh, strict=True):
-                part.load_state_dict(original)
-            raise
+        pairs = [(trainee, state["trainee"]), (optimizer, state["optimizer"]),
+                 (scheduler, state["scheduler"])]
+        if init_optimizer is not None and state.get("init_optimizer") is not None:
+            pairs.append((init_optimizer, state["init_optimizer"]))
+        load_states(pairs)
 
     return load_checkpoint(path, TRAINING_KEYS, log_beside(path), apply, main)

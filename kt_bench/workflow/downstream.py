@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from kt_bench.sweep.downstream import (
     units_for,
 )
 from kt_bench.sweep.downstream_config import Downstream, matches
-from kt_bench.training.device import check_device_and_precision, make_accelerator
+from kt_bench.training.device import make_accelerator
 from kt_bench.training.hooks import say
 
 
@@ -94,7 +93,7 @@ def run_after_cells(grid: Grid, cells: list[Cell], rows: pd.DataFrame, out: Path
     if not evaluations:
         return []
     ok = set(rows.loc[rows["status"] == "ok", "cell_id"]) if not rows.empty else set()
-    units = [u for u in grid_units(grid, cells) if u.cell["cell_id"] in ok]
+    units = units_for([c.identity() for c in cells if c.cell_id in ok], evaluations)
     if not units:
         return []
     say(f"downstream: {len(units)} unit(s) of {len(evaluations)} evaluation(s)")
@@ -112,8 +111,7 @@ def record_grid(grid: Grid, out: Path) -> None:
 
 def run_for_folder(out: Path, evaluations: list[Downstream] | None, only: list[str],
                    device: str = "auto", precision: str = "auto",
-                   data_root: str | None = None,
-                   on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+                   data_root: str | None = None) -> list[dict]:
     """Run ``evaluations`` (default: those recorded in the folder) for every cell of run
     folder ``out`` that finished ok and passes the ``only`` filters; their rows."""
     if not (out / "cells").is_dir():
@@ -129,13 +127,9 @@ def run_for_folder(out: Path, evaluations: list[Downstream] | None, only: list[s
         raise KtBenchError(f"{out} has no finished (ok) cell"
                            f"{' matching ' + ' '.join(only) if only else ''}")
     precision = resolve_precision(precision, device)
-    check_device_and_precision(device, precision)
-    accelerator = make_accelerator(device, precision)
+    accelerator = make_accelerator(device, precision)  # checks the device and precision
     record_evaluations(out, evaluations)
     units = units_for(cells, evaluations)
     say(f"downstream: {len(units)} unit(s) for {len(cells)} cell(s) of {out} on "
         f"{accelerator.device} (precision {precision})")
-    rows = run_units(units, out, accelerator.device, precision, data_root, say)
-    if on_rows is not None:
-        on_rows(rows)
-    return rows
+    return run_units(units, out, accelerator.device, precision, data_root, say)
